@@ -1,0 +1,36 @@
+"""flatpeft: LoRA fine-tuning that seeks flat minima, on top of Hugging Face PEFT.
+
+    method = flatpeft.attach(peft_model, "flat_lora", sigma=0.05, total_steps=1000)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=5e-4)
+    method.bind(optimizer)
+    loss = method.backward(lambda: model(**batch).loss)   # instead of loss.backward()
+"""
+
+from .config import MethodConfig
+from .method import Method, attach
+from .registry import get_method, list_methods, make_config, register
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Trainer integration imports transformers.Trainer; load it only when asked for.
+    if name in ("FlatTrainer", "FlatTrainerMixin"):
+        from .integrations import transformers as _hf
+
+        return getattr(_hf, name)
+    raise AttributeError(f"module 'flatpeft' has no attribute {name!r}")
+
+
+__all__ = [
+    "FlatTrainer",
+    "FlatTrainerMixin",
+    "Method",
+    "MethodConfig",
+    "__version__",
+    "attach",
+    "get_method",
+    "list_methods",
+    "make_config",
+    "register",
+]

@@ -1,0 +1,240 @@
+"""Everything flatpeft knows about PEFT internals lives here.
+
+The rest of the package sees an adapted layer through :class:`Geometry` (its weight viewed as an
+``(out, fan_in)`` matrix of rows, and the base op applied with a substitute weight) and through the
+helpers below (active adapter, adapter parameters, effective weight, base-forward patching).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Geometry",
+    "active_adapter",
+    "adapter_parameters",
+    "check_peft_model",
+    "effective_rows",
+    "geometry",
+    "lora_layers",
+    "patched_base_forward",
+    "unwrap_model",
+]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None or not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _lora_layer_class() -> type:
+    from peft.tuners.lora import LoraLayer
+
+    return LoraLayer
+
+
+def check_peft_model(model: nn.Module) -> nn.Module:
+    """Validate that ``model`` is a PEFT model with unmerged LoRA layers; return the unwrapped model.
+
+    Raises:
+        TypeError: if ``model`` is not a ``peft.PeftModel``.
+        ValueError: if it has no LoRA layers or its adapters are merged.
+    """
+    from peft import PeftModel
+
+    inner = unwrap_model(model)
+    if not isinstance(inner, PeftModel):
+        raise TypeError(
+            f"flatpeft needs a peft.PeftModel with LoRA adapters, got {type(model).__name__}; "
+            "wrap your model first: model = peft.get_peft_model(model, peft.LoraConfig(...))"
+        )
+    layers = [m for m in inner.modules() if isinstance(m, _lora_layer_class())]
+    if not layers:
+        raise ValueError(
+            "the model has no LoRA layers; create it with peft.get_peft_model(model, LoraConfig(...)) "
+            "and check that LoraConfig.target_modules matches some of its layers"
+        )
+    if any(getattr(m, "merged", False) for m in layers):
+        raise ValueError("the model has merged LoRA adapters; call model.unmerge_adapter() before attaching")
+    return inner
+
+
+def active_adapter(model: nn.Module) -> str:
+    """Name of the single active adapter of a PEFT model."""
+    inner = unwrap_model(model)
+    active = inner.active_adapters if hasattr(inner, "active_adapters") else [inner.active_adapter]
+    if len(active) != 1:
+        raise ValueError(f"flatpeft trains exactly one active adapter, the model has {list(active)}")
+    return active[0]
+
+
+def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every LoRA layer that carries ``adapter``, in module order."""
+    cls = _lora_layer_class()
+    out = []
+    for name, m in unwrap_model(model).named_modules():
+        if isinstance(m, cls) and (adapter in m.lora_A or adapter in m.lora_embedding_A):
+            out.append((name, m))
+    return out
+
+
+def adapter_parameters(layers: list[tuple[str, nn.Module]], adapter: str) -> list[nn.Parameter]:
+    """Trainable parameters of ``adapter`` in ``layers`` (A, B, DoRA magnitude, embedding factors)."""
+    params: list[nn.Parameter] = []
+    for _, layer in layers:
+        for attr in layer.adapter_layer_names:
+            container = getattr(layer, attr, None)
+            if container is None or adapter not in container:
+                continue
+            item = container[adapter]
+            tensors = item.parameters() if isinstance(item, nn.Module) else [item]
+            params.extend(p for p in tensors if p.requires_grad)
+    return params
+
+
+def scaling(layer: nn.Module, adapter: str) -> float:
+    """PEFT's ``scaling[adapter]`` (lora_alpha / r, or / sqrt(r) with rsLoRA)."""
+    return float(layer.scaling[adapter])
+
+
+# -- geometry of an adapted layer ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an adapted layer's base op maps a weight to outputs.
+
+    ``rows`` are output features (filters): ``m`` of them, each with ``n`` = fan-in entries. Weights
+    handed to :meth:`apply` are in this row layout, whatever the stored layout (GPT-2 ``Conv1D``
+    stores ``(in, out)``; ``Conv2d`` stores ``(out, in/groups, kh, kw)``).
+    """
+
+    kind: str  # "linear" | "conv1d" (fan_in_fan_out) | "conv2d"
+    m: int
+    n: int
+    base: nn.Module
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The stored weight viewed as an ``(m, n)`` matrix of rows."""
+        if self.kind == "conv1d":
+            return weight.t()
+        return weight.reshape(self.m, self.n)
+
+    def apply(self, x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The base op with weight ``rows`` (``(m, n)``) instead of the stored weight."""
+        if self.kind == "conv2d":
+            b = self.base
+            return F.conv2d(x, rows.reshape(b.weight.shape), bias, b.stride, b.padding, b.dilation, b.groups)
+        return F.linear(x, rows, bias)
+
+    def input_grad(self, grad_out: torch.Tensor, rows: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        """Gradient of :meth:`apply` with respect to its input."""
+        if self.kind == "conv2d":
+            b = self.base
+            w = rows.reshape(b.weight.shape)
+            return torch.nn.grad.conv2d_input(x_shape, w, grad_out, b.stride, b.padding, b.dilation, b.groups)
+        return grad_out @ rows
+
+    def bias_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """Gradient of :meth:`apply` with respect to the bias."""
+        if self.kind == "conv2d":
+            return grad_out.sum(dim=(0, 2, 3))
+        return grad_out.reshape(-1, self.m).sum(0)
+
+
+def _dense_weight(base: nn.Module) -> torch.Tensor | None:
+    w = getattr(base, "weight", None)
+    if not isinstance(w, torch.Tensor) or type(w) not in (torch.Tensor, nn.Parameter):
+        return None  # bitsandbytes / torchao / other quantized storage
+    return w if w.is_floating_point() else None
+
+
+def geometry(layer: nn.Module) -> Geometry:
+    """The :class:`Geometry` of a LoRA layer's base layer.
+
+    Raises:
+        ValueError: for layer types flatpeft cannot perturb (embeddings, 3-D convolutions, ...).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    base = layer.get_base_layer()
+    fifo = bool(getattr(layer, "fan_in_fan_out", False))
+    if isinstance(base, Conv1D) or (fifo and isinstance(base, nn.Linear)):
+        in_f, out_f = base.weight.shape
+        return Geometry("conv1d", out_f, in_f, base)
+    if isinstance(base, nn.Conv2d):
+        if base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError(f"Conv2d with padding={base.padding!r}/{base.padding_mode!r} is not supported")
+        out_c = base.out_channels
+        return Geometry("conv2d", out_c, base.weight[0].numel(), base)
+    if isinstance(base, nn.Linear) or (hasattr(base, "in_features") and hasattr(base, "out_features")):
+        return Geometry("linear", base.out_features, base.in_features, base)
+    raise ValueError(
+        f"flatpeft can perturb LoRA layers on Linear, GPT-2 Conv1D and Conv2d modules, not "
+        f"{type(base).__name__}; exclude it from LoraConfig.target_modules"
+    )
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The base layer's stored float weight, or ``None`` when it is quantized."""
+    return _dense_weight(layer.get_base_layer())
+
+
+def effective_rows(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tensor:
+    """W' = W0 + ΔW of ``layer`` as an ``(m, n)`` fp32 matrix (no autograd), dequantizing if needed.
+
+    ΔW is PEFT's own ``get_delta_weight`` so LoRA variants (rsLoRA scaling) are respected.
+    """
+    from peft.utils.integrations import dequantize_module_weight
+
+    with torch.no_grad():
+        base = layer.get_base_layer()
+        w0 = _dense_weight(base)
+        if w0 is None:
+            w0 = dequantize_module_weight(base)
+        delta = layer.get_delta_weight(adapter)
+        return geo.rows(w0.float() + delta.float())
+
+
+def base_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The base layer's bias (``None`` if it has none)."""
+    return getattr(layer.get_base_layer(), "bias", None)
+
+
+@contextlib.contextmanager
+def patched_base_forward(patches: dict[nn.Module, Callable[..., torch.Tensor]]) -> Iterator[None]:
+    """Within the block, each LoRA layer's base layer computes ``patches[layer](x, original_forward)``.
+
+    The stored weights are never touched: a perturbation is applied functionally, so restoring the
+    model is removing the instance attribute that overrides ``forward``.
+    """
+    patched = []
+    try:
+        for layer, fn in patches.items():
+            base = layer.get_base_layer()
+            original = base.forward
+            # An instance-level forward (e.g. an Accelerate offload hook) is put back afterwards.
+            previous = base.__dict__.get("forward")
+
+            def forward(x, *args, _fn=fn, _orig=original, **kwargs):
+                return _fn(x, lambda y: _orig(y, *args, **kwargs))
+
+            base.forward = forward
+            patched.append((base, previous))
+        yield
+    finally:
+        for base, previous in patched:
+            if previous is None:
+                del base.forward
+            else:
+                base.forward = previous

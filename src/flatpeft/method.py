@@ -1,0 +1,209 @@
+"""The method contract (SPEC §2): one API for every method.
+
+A method replaces ``loss.backward()`` by :meth:`Method.backward`, which leaves the method's gradients
+in ``.grad`` (adding to what is there), and does its post-step work through an optimizer step
+post-hook registered by :meth:`Method.bind`. It never owns the optimizer, the LR scheduler or the
+grad scaler. Outside ``backward`` the model is at its clean weights: no noise, no perturbation, no
+auxiliary adapter active.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import _peft
+from .config import MethodConfig
+
+__all__ = ["LossFn", "Method", "attach"]
+
+LossFn = Callable[[], torch.Tensor]
+BackwardFn = Callable[[torch.Tensor], Any]
+
+_ATTR = "_flatpeft_method"
+
+
+def _plain_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+class Method:
+    """Base class of every flatpeft method.
+
+    Subclasses set ``config_class`` and ``paper`` and implement :meth:`_backward`; they may override
+    :meth:`_setup`, :meth:`_after_step`, :meth:`_teardown`, :meth:`_extra_state`,
+    :meth:`_load_extra_state` and :meth:`strength`.
+
+    Class attributes declare what a method needs, so shared tests and integrations carry no
+    per-method branches:
+
+    - ``passes``: forward/backward passes per ``backward`` call.
+    - ``needs_upper_loss``: ``backward`` also takes ``upper_loss_fn`` (a loss on a second data split).
+    """
+
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    paper: ClassVar[str] = ""
+    passes: ClassVar[int] = 1
+    needs_upper_loss: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, config: MethodConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config)}")
+        inner = _peft.check_peft_model(model)
+        if getattr(inner, _ATTR, None) is not None:
+            raise ValueError(
+                f"a flatpeft method ({getattr(inner, _ATTR).config.method!r}) is already attached to this "
+                "model; call .detach() on it first"
+            )
+        self.model = inner
+        self.config = config
+        self.adapter = _peft.active_adapter(inner)
+        self.layers = _peft.lora_layers(inner, self.adapter)
+        self.step = 0
+        self._hooks: dict[int, Any] = {}
+        self._warned_unbound = False
+        self._attached = True
+        self._setup()
+        object.__setattr__(inner, _ATTR, self)
+
+    # -- the public contract ------------------------------------------------------------------------
+
+    def backward(self, loss_fn: LossFn, *, backward_fn: BackwardFn | None = None, **kwargs: Any) -> torch.Tensor:
+        """Replace ``loss.backward()``: run the method's forward/backward pass(es) through ``loss_fn``.
+
+        Args:
+            loss_fn: Closure computing the loss with a forward pass (called once per pass).
+            backward_fn: How to backpropagate a loss (default ``loss.backward()``; the Trainer
+                integration passes ``accelerator.backward`` so loss scaling and AMP are honoured).
+            **kwargs: Method-specific extras (e.g. ``upper_loss_fn`` when ``needs_upper_loss``).
+
+        Returns:
+            The detached loss of the first pass.
+        """
+        if not self._attached:
+            raise RuntimeError("this method was detached; attach a new one with flatpeft.attach(...)")
+        if not self._hooks and not self._warned_unbound:
+            self._warned_unbound = True
+            warnings.warn(
+                f"{type(self).__name__}: no optimizer is bound, so the step counter only advances if you "
+                "call method.after_step() after each optimizer step; prefer method.bind(optimizer)",
+                stacklevel=2,
+            )
+        return self._backward(loss_fn, backward_fn or _plain_backward, **kwargs)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter the optimizer must update (trainable model parameters, auxiliary ones included)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        """Parameters that must get no weight decay (e.g. an adversarial auxiliary branch)."""
+        return []
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> Method:
+        """Run :meth:`after_step` after every ``optimizer.step()`` (idempotent, Accelerate-aware)."""
+        inner = optimizer
+        while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+            inner = inner.optimizer  # accelerate.AcceleratedOptimizer and similar wrappers
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(f"bind() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if id(inner) not in self._hooks:
+            self._hooks[id(inner)] = inner.register_step_post_hook(lambda *_: self.after_step())
+        return self
+
+    def after_step(self) -> None:
+        """Post-optimizer-step work, then advance :attr:`step`. Called by the hook :meth:`bind` adds."""
+        self._after_step()
+        self.step += 1
+
+    def detach(self) -> nn.Module:
+        """Remove every hook and auxiliary piece; return the vanilla PEFT model."""
+        if self._attached:
+            for handle in self._hooks.values():
+                handle.remove()
+            self._hooks.clear()
+            self._teardown()
+            if getattr(self.model, _ATTR, None) is self:
+                object.__delattr__(self.model, _ATTR)
+            self._attached = False
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (config, step counter, method buffers)."""
+        return {
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            ValueError: if the state belongs to another method or another configuration.
+        """
+        if state.get("method") != self.config.method:
+            raise ValueError(f"state is for method {state.get('method')!r}, not {self.config.method!r}")
+        mine = self.config.to_dict()
+        theirs = state.get("config", {})
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(f"state was saved with a different configuration (fields {diff}); attach with it")
+        self.step = int(state["step"])
+        self._load_extra_state(state.get("extra", {}))
+
+    def strength(self) -> dict[str, float]:
+        """The current perturbation strength(s) for logging, e.g. ``{"sigma": 0.03}``."""
+        return {}
+
+    # -- hooks for subclasses -----------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        """Validate the model for this method and build any state; raise ``ValueError`` with the fix."""
+
+    def _backward(self, loss_fn: LossFn, backward_fn: BackwardFn, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _after_step(self) -> None:
+        """Work after each optimizer step (before :attr:`step` advances)."""
+
+    def _teardown(self) -> None:
+        """Undo :meth:`_setup` (remove auxiliary adapters, hooks)."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`_extra_state` output."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(step={self.step}, config={self.config})"
+
+
+def attach(model: nn.Module, method: str | MethodConfig = "lora", **overrides: Any) -> Method:
+    """Attach a flatpeft method to a PEFT LoRA model.
+
+    Call it before building the optimizer, then ``optimizer = Opt(method.parameters())`` and
+    ``method.bind(optimizer)``.
+
+    Args:
+        model: A ``peft.PeftModel`` with LoRA adapters (possibly wrapped by DDP).
+        method: A registry name (see :func:`flatpeft.list_methods`) or a config instance.
+        **overrides: Config fields to set, e.g. ``sigma=0.1``.
+
+    Returns:
+        The attached :class:`Method`.
+
+    Raises:
+        ValueError: unknown method or option, invalid option value, a model without LoRA layers, or
+            a model that already has a method attached.
+        TypeError: ``model`` is not a PEFT model.
+    """
+    from .registry import get_method, make_config
+
+    config = make_config(method, **overrides)
+    return get_method(config.method)(model, config)

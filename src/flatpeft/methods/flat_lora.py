@@ -1,0 +1,146 @@
+"""``flat_lora`` — Flat-LoRA (Li et al., ICML 2025, https://arxiv.org/abs/2409.14396).
+
+Objective: min E_ε L(W0 + s·B·A + ε), one forward/backward per micro-batch, no extra pass.
+For every adapted layer and optimizer step t, row i of ε (an output feature / filter) is drawn as
+
+    ε_i ~ N(0, (σ_t · ‖W'_i‖₂ / √n)² · I_n),   W' = W0 + ΔW,  n = fan-in,
+    σ_t = σ · ½(1 − cos(π t / T))   (``schedule="cosine"``; ``linear``: σ·t/T; ``constant``: σ).
+
+Design (exactness first): ε is never added to a stored weight. Inside ``backward`` each base layer
+computes ``op(x, W0 + ε)`` through an autograd function that draws ε from a dedicated generator
+seeded by (seed, t, layer) in forward and draws it again in backward for the input gradient, so only
+the seed and the O(m) row scales are stored; the frozen weights stay bit-identical in fp32, bf16 and
+fp16, activation checkpointing recomputes the same ε, and the global RNG (dropout) is untouched.
+Quantized bases get ``base(x) + op(x, ε)`` instead. All micro-batches of one optimizer step share
+the same ε (t only advances in the optimizer post-hook), and every DDP rank draws the same ε unless
+``noise="per_rank"``.
+
+``noise_memory="keep"`` saves ``W0 + ε`` from forward to backward instead of drawing it twice: one
+fewer Gaussian draw per layer and step (CPU ``randn`` is the bottleneck), at the cost of one extra
+copy of each adapted weight held until its backward runs.
+
+Pitfalls: T must be the number of *optimizer* steps (``FlatTrainer`` reads it from the Trainer; in a
+plain loop pass ``total_steps``); σ_t = 0 at t = 0 with the cosine ramp, so the first step is plain
+LoRA; the row norms are those of W' at the start of the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .. import _peft
+from ..config import MethodConfig, option
+from ..method import Method
+from ..perturb import mix_seed, noisy_base_op
+from ..registry import register
+
+__all__ = ["FlatLoRA", "FlatLoRAConfig", "noise_scale"]
+
+
+@dataclass(frozen=True)
+class FlatLoRAConfig(MethodConfig):
+    """Random filter-wise weight perturbation of the full effective weight."""
+
+    method = "flat_lora"
+    sigma: float = option(0.05, "Final relative noise std σ (paper: 0.05-0.10; CLIP used 0.15).", min=0.0)
+    schedule: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "Ramp of σ_t over optimizer steps: cosine ½(1-cos(πt/T)), linear t/T, or constant."
+    )
+    total_steps: int | None = option(
+        None, "T, total optimizer steps (needed by cosine/linear; FlatTrainer sets it).", min=1
+    )
+    noise: Literal["shared", "per_rank"] = option(
+        "shared", "Under DDP: the same ε on every rank (default) or independent ε per rank."
+    )
+    noise_memory: Literal["regenerate", "keep"] = option(
+        "regenerate", "regenerate ε in backward (no extra memory) or keep W0+ε until backward (faster)."
+    )
+
+    def validate(self) -> None:
+        if self.schedule != "constant" and self.total_steps is None and self.sigma > 0:
+            raise ValueError(
+                f"FlatLoRAConfig.total_steps is required with schedule={self.schedule!r}; pass "
+                "total_steps=<number of optimizer steps> or schedule='constant'"
+            )
+
+
+def noise_scale(sigma: float, schedule: str, step: int, total_steps: int | None) -> float:
+    """σ_t of the schedule at optimizer step ``step`` (clamped to T)."""
+    if schedule == "constant" or sigma == 0.0:
+        return sigma
+    frac = min(step, total_steps) / total_steps
+    if schedule == "linear":
+        return sigma * frac
+    return sigma * 0.5 * (1.0 - math.cos(math.pi * frac))
+
+
+@register
+class FlatLoRA(Method):
+    """Flat-LoRA with an exact functional perturbation regenerated from seeds."""
+
+    config_class = FlatLoRAConfig
+    paper = "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape (Li et al., ICML 2025) arXiv:2409.14396"
+
+    def _setup(self) -> None:
+        self.geos = [_peft.geometry(layer) for _, layer in self.layers]
+        for (name, layer), _ in zip(self.layers, self.geos, strict=True):
+            weight = _peft.dense_weight(layer)
+            if weight is not None and weight.requires_grad:
+                raise ValueError(f"{name}: flat_lora expects a frozen base weight; set requires_grad=False")
+        self._std_step = -1
+        self._stds: list[torch.Tensor] = []
+
+    def strength(self) -> dict[str, float]:
+        return {"sigma": self.sigma_t()}
+
+    def sigma_t(self) -> float:
+        """σ_t at the current optimizer step."""
+        c = self.config
+        return noise_scale(c.sigma, c.schedule, self.step, c.total_steps)
+
+    @torch.no_grad()
+    def row_stds(self) -> list[torch.Tensor]:
+        """Per-layer ``(m,)`` noise std σ_t‖W'_i‖/√n, computed once per optimizer step."""
+        if self._std_step != self.step:
+            sigma = self.sigma_t()
+            self._stds = [
+                _peft.effective_rows(layer, geo, self.adapter).norm(dim=1).mul_(sigma / math.sqrt(geo.n))
+                for (_, layer), geo in zip(self.layers, self.geos, strict=True)
+            ]
+            self._std_step = self.step
+        return self._stds
+
+    def _layer_seed(self, index: int) -> int:
+        rank = 0
+        if self.config.noise == "per_rank" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank()
+        return mix_seed(self.config.seed, self.step, index, rank)
+
+    def _patch(self, index: int, layer, std: torch.Tensor):
+        geo = self.geos[index]
+        seed = self._layer_seed(index)
+        keep = self.config.noise_memory == "keep"
+
+        def forward(x, original):
+            weight = _peft.dense_weight(layer)
+            if weight is None:  # quantized base: add op(x, ε) to the base layer's own output
+                return original(x) + noisy_base_op(x, geo, None, None, std, seed, keep)
+            return noisy_base_op(x, geo, geo.rows(weight), _peft.base_bias(layer), std, seed, keep)
+
+        return forward
+
+    def _backward(self, loss_fn, backward_fn, **kwargs):
+        if self.sigma_t() == 0.0:
+            loss = loss_fn()
+            backward_fn(loss)
+            return loss.detach()
+        stds = self.row_stds()
+        patches = {layer: self._patch(i, layer, stds[i]) for i, (_, layer) in enumerate(self.layers)}
+        with _peft.patched_base_forward(patches):
+            loss = loss_fn()
+            backward_fn(loss)
+        return loss.detach()

@@ -1,0 +1,69 @@
+"""``lora_sam`` — SAM restricted to the LoRA factors (Foret et al., ICLR 2021, arXiv:2010.01412).
+
+The baseline of all four flat-LoRA papers. Per ``backward`` call (two passes):
+
+    g  = ∇_θ L(θ)                      θ = every LoRA parameter of the active adapter
+    ε  = ρ · g / ‖g‖₂                  (global norm over all LoRA parameters)
+    .grad += ∇ L(θ + ε)                then θ is restored exactly from a saved copy
+
+Pitfalls handled here: the first gradient is taken with ``torch.autograd.grad`` so gradients that
+earlier micro-batches accumulated in ``.grad`` are untouched; the second pass replays the global RNG
+state so it sees the same dropout masks (with ρ = 0 the result is exactly one plain backward);
+parameters are restored by copy, never by subtraction. Batch-norm statistics would be updated twice
+(transformers use layer norm). With gradient accumulation each micro-batch is perturbed along its own
+gradient, as in the papers' implementations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _peft
+from ..config import MethodConfig, option
+from ..method import Method
+from ..perturb import RngReplay, global_norm, restore_, snapshot
+from ..registry import register
+
+__all__ = ["LoRASAM", "LoRASAMConfig"]
+
+
+@dataclass(frozen=True)
+class LoRASAMConfig(MethodConfig):
+    """SAM on the LoRA factors."""
+
+    method = "lora_sam"
+    rho: float = option(0.05, "Radius ρ of the perturbation of the LoRA parameters (global L2 norm).", min=0.0)
+
+
+@register
+class LoRASAM(Method):
+    """Two-pass SAM whose perturbation lives in the LoRA parameter space only."""
+
+    config_class = LoRASAMConfig
+    paper = "Sharpness-Aware Minimization (Foret et al., 2021) arXiv:2010.01412, on LoRA parameters"
+    passes = 2
+
+    def _setup(self) -> None:
+        self.params = _peft.adapter_parameters(self.layers, self.adapter)
+
+    def strength(self) -> dict[str, float]:
+        return {"rho": self.config.rho}
+
+    def _backward(self, loss_fn, backward_fn, **kwargs):
+        rng = RngReplay()
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        scale = self.config.rho / (float(global_norm(grads)) + 1e-12)
+        saved = snapshot(self.params)
+        with torch.no_grad():
+            for p, g in zip(self.params, grads, strict=True):
+                if g is not None:
+                    p.add_(g.to(p.dtype), alpha=scale)
+        try:
+            rng.replay()
+            backward_fn(loss_fn())
+        finally:
+            restore_(self.params, saved)
+        return loss.detach()

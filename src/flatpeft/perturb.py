@@ -1,0 +1,170 @@
+"""Shared primitives: seeded filter-wise noise, the functional perturbed base op, exact save/restore.
+
+Nothing here ever writes a frozen weight. A weight perturbation ε is applied by computing the base
+op with ``W0 + ε`` (or adding ``x·εᵀ`` to a quantized base's output) inside an autograd function that
+regenerates ε from its seed in backward, so the frozen weights stay bit-identical in every dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ._peft import Geometry
+
+__all__ = [
+    "RngReplay",
+    "filter_noise",
+    "gram_fro_sq",
+    "global_norm",
+    "mix_seed",
+    "noisy_base_op",
+    "restore_",
+    "snapshot",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 finaliser), e.g. ``mix_seed(seed, step, layer)``.
+
+    Distinct inputs give unrelated generator seeds, so noise of one (step, layer) never repeats
+    another's and no draw depends on the global RNG.
+    """
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & _MASK64)) & _MASK64
+        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+        h = (h * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+def filter_noise(row_std: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Filter-wise Gaussian noise: row ``i`` of the ``(m, n)`` fp32 result is N(0, row_std[i]²).
+
+    Args:
+        row_std: ``(m,)`` fp32 standard deviation per row (output feature / filter).
+        n: Entries per row (fan-in).
+        seed: Seed of the dedicated generator; the same seed regenerates the same noise.
+    """
+    gen = torch.Generator(device=row_std.device)
+    gen.manual_seed(seed)
+    noise = torch.randn((row_std.shape[0], n), generator=gen, device=row_std.device, dtype=torch.float32)
+    return noise.mul_(row_std.unsqueeze(1))
+
+
+class _NoisyBase(torch.autograd.Function):
+    """y = op(x, W0 + ε) + b with ε regenerated from its seed in backward (never stored).
+
+    With ``weight=None`` (a quantized base) it returns only ``op(x, ε)``, to be added to the
+    base layer's own output. With ``keep=True`` the perturbed weight is saved for backward instead of
+    regenerated: one fewer Gaussian draw, one extra copy of the adapted weight until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_rows, bias, row_std, geo: Geometry, seed: int, keep: bool):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        w_dtype = dtype or (weight_rows.dtype if weight_rows is not None else x.dtype)
+        w = _make_rows(weight_rows, row_std, geo.n, seed, w_dtype)
+        ctx.geo, ctx.seed, ctx.keep, ctx.x_shape, ctx.x_dtype = geo, seed, keep, x.shape, x.dtype
+        ctx.has_bias = bias is not None
+        ctx.w_dtype = w_dtype
+        ctx.save_for_backward(w if keep else weight_rows, row_std)
+        xin = x.to(w_dtype)
+        b = None if bias is None else bias.to(w_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return geo.apply(xin, w, b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved, row_std = ctx.saved_tensors
+        geo: Geometry = ctx.geo
+        w = saved if ctx.keep else _make_rows(saved, row_std, geo.n, ctx.seed, ctx.w_dtype)
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = geo.input_grad(grad_out.to(w.dtype), w, ctx.x_shape).to(ctx.x_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = geo.bias_grad(grad_out)
+        return grad_x, None, grad_b, None, None, None, None
+
+
+def _make_rows(weight_rows, row_std, n, seed, dtype) -> torch.Tensor:
+    noise = filter_noise(row_std, n, seed)
+    if weight_rows is not None:
+        noise.add_(weight_rows)
+    return noise.to(dtype)
+
+
+def noisy_base_op(
+    x: torch.Tensor,
+    geo: Geometry,
+    weight_rows: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    row_std: torch.Tensor,
+    seed: int,
+    keep: bool = False,
+) -> torch.Tensor:
+    """The base op at ``W0 + ε`` with filter-wise noise ε regenerated from ``seed`` (see ``_NoisyBase``).
+
+    Args:
+        x: Layer input.
+        geo: Geometry of the adapted layer.
+        weight_rows: Frozen weight as ``(m, n)`` rows, or ``None`` to return only ``op(x, ε)``.
+        bias: Base bias (``None`` if absent or when ``weight_rows`` is ``None``).
+        row_std: ``(m,)`` fp32 noise standard deviation per row.
+        seed: Generator seed of this (step, layer).
+        keep: Save ``W0 + ε`` for backward instead of regenerating it.
+    """
+    return _NoisyBase.apply(x, weight_rows, bias, row_std, geo, seed, keep)
+
+
+# -- exact save/restore and norms ------------------------------------------------------------------
+
+
+def snapshot(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached copies of ``params`` (restore with :func:`restore_`, never by subtraction)."""
+    return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def restore_(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    """Copy ``saved`` back into ``params`` bit-for-bit."""
+    for p, s in zip(params, saved, strict=True):
+        p.copy_(s)
+
+
+def global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
+    """sqrt(Σ ‖t‖²) over the non-``None`` tensors, in fp32."""
+    sq = [t.detach().float().pow(2).sum() for t in tensors if t is not None]
+    if not sq:
+        return torch.zeros(())
+    return torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
+
+
+def gram_fro_sq(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """‖B·A‖_F² without forming B·A: sum((BᵀB) ⊙ (AAᵀ)) — O((m + n)·r²) instead of O(m·n·r)."""
+    b32, a32 = b.float(), a.float()
+    return ((b32.t() @ b32) * (a32 @ a32.t())).sum()
+
+
+class RngReplay:
+    """Capture the global RNG state so a second forward pass draws the same dropout masks.
+
+    Two-pass methods (SAM family) call :meth:`replay` before the second pass: the gradient is then
+    taken of the same stochastic loss at the perturbed point, and with ρ = 0 the two passes (and
+    the RNG state afterwards) are exactly those of a single plain pass. Nothing is reseeded.
+    """
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def replay(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
