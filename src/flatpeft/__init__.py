@@ -1,9 +1,9 @@
 """flatpeft: LoRA fine-tuning that seeks flat minima, on top of Hugging Face PEFT.
 
-    method = flatpeft.attach(peft_model, "flat_lora", sigma=0.05, total_steps=1000)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=5e-4)
-    method.bind(optimizer)
-    loss = method.backward(lambda: model(**batch).loss)   # instead of loss.backward()
+method = flatpeft.attach(peft_model, "flat_lora", sigma=0.05, total_steps=1000)
+optimizer = torch.optim.AdamW(method.parameters(), lr=5e-4)
+method.bind(optimizer)
+loss = method.backward(lambda: model(**batch).loss)   # instead of loss.backward()
 """
 
 from .config import MethodConfig

@@ -25,6 +25,7 @@ def option(
     min: float | None = None,
     max: float | None = None,
     min_exclusive: bool = False,
+    strength: bool = False,
 ) -> Any:
     """Declare a config field with its help text and allowed numeric range.
 
@@ -34,8 +35,10 @@ def option(
         min: Smallest allowed value (inclusive unless ``min_exclusive``).
         max: Largest allowed value (inclusive).
         min_exclusive: Whether ``min`` itself is excluded.
+        strength: Marks the perturbation strength (ρ, σ); setting every strength field to 0 must make
+            the method reproduce plain ``loss.backward()``.
     """
-    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+    meta = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "strength": strength}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -143,6 +146,11 @@ class MethodConfig:
         unknown = sorted(set(keys) - set(known))
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for method {cls.method!r}; known options: {known}")
+
+    @classmethod
+    def strength_fields(cls) -> list[str]:
+        """Names of the fields declared with ``strength=True`` (ρ, σ, ...)."""
+        return [f.name for f in dataclasses.fields(cls) if f.metadata.get("strength")]
 
     @classmethod
     def describe(cls) -> list[tuple[str, Any, str]]:

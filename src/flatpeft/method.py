@@ -72,7 +72,9 @@ class Method:
 
     # -- the public contract ------------------------------------------------------------------------
 
-    def backward(self, loss_fn: LossFn, *, backward_fn: BackwardFn | None = None, **kwargs: Any) -> torch.Tensor:
+    def backward(
+        self, loss_fn: LossFn, *, backward_fn: BackwardFn | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         """Replace ``loss.backward()``: run the method's forward/backward pass(es) through ``loss_fn``.
 
         Args:
@@ -152,7 +154,9 @@ class Method:
         theirs = state.get("config", {})
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
-            raise ValueError(f"state was saved with a different configuration (fields {diff}); attach with it")
+            raise ValueError(
+                f"state was saved with a different configuration (fields {diff}); attach with it"
+            )
         self.step = int(state["step"])
         self._load_extra_state(state.get("extra", {}))
 

@@ -16,8 +16,8 @@ from ._peft import Geometry
 __all__ = [
     "RngReplay",
     "filter_noise",
-    "gram_fro_sq",
     "global_norm",
+    "gram_fro_sq",
     "mix_seed",
     "noisy_base_op",
     "restore_",
@@ -167,4 +167,3 @@ class RngReplay:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
-

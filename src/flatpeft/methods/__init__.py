@@ -1,5 +1,8 @@
-"""Built-in methods, one file each; importing this package registers them."""
+"""Built-in methods, one file each; importing this package registers every module in it."""
 
-from . import flat_lora, lora, lora_sam, sam_full
+import importlib
+import pkgutil
 
-__all__ = ["flat_lora", "lora", "lora_sam", "sam_full"]
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

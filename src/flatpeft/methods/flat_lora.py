@@ -46,7 +46,9 @@ class FlatLoRAConfig(MethodConfig):
     """Random filter-wise weight perturbation of the full effective weight."""
 
     method = "flat_lora"
-    sigma: float = option(0.05, "Final relative noise std σ (paper: 0.05-0.10; CLIP used 0.15).", min=0.0)
+    sigma: float = option(
+        0.05, "Final relative noise std σ (paper: 0.05-0.10; CLIP used 0.15).", min=0.0, strength=True
+    )
     schedule: Literal["cosine", "linear", "constant"] = option(
         "cosine", "Ramp of σ_t over optimizer steps: cosine ½(1-cos(πt/T)), linear t/T, or constant."
     )
@@ -83,7 +85,9 @@ class FlatLoRA(Method):
     """Flat-LoRA with an exact functional perturbation regenerated from seeds."""
 
     config_class = FlatLoRAConfig
-    paper = "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape (Li et al., ICML 2025) arXiv:2409.14396"
+    paper = (
+        "Flat-LoRA: Low-Rank Adaptation over a Flat Loss Landscape (Li et al., ICML 2025) arXiv:2409.14396"
+    )
 
     def _setup(self) -> None:
         self.geos = [_peft.geometry(layer) for _, layer in self.layers]
@@ -116,7 +120,11 @@ class FlatLoRA(Method):
 
     def _layer_seed(self, index: int) -> int:
         rank = 0
-        if self.config.noise == "per_rank" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            self.config.noise == "per_rank"
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             rank = torch.distributed.get_rank()
         return mix_seed(self.config.seed, self.step, index, rank)
 

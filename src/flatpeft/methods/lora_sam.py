@@ -34,7 +34,9 @@ class LoRASAMConfig(MethodConfig):
     """SAM on the LoRA factors."""
 
     method = "lora_sam"
-    rho: float = option(0.05, "Radius ρ of the perturbation of the LoRA parameters (global L2 norm).", min=0.0)
+    rho: float = option(
+        0.05, "Radius ρ of the perturbation of the LoRA parameters (global L2 norm).", min=0.0, strength=True
+    )
 
 
 @register

@@ -33,7 +33,9 @@ class FullSAMConfig(MethodConfig):
     """SAM in the full weight space of the adapted layers."""
 
     method = "sam_full"
-    rho: float = option(0.05, "Radius ρ of the full-weight perturbation (global L2 norm over layers).", min=0.0)
+    rho: float = option(
+        0.05, "Radius ρ of the full-weight perturbation (global L2 norm over layers).", min=0.0, strength=True
+    )
 
 
 @register
