@@ -105,6 +105,18 @@ class Method:
         """Parameters that must get no weight decay (e.g. an adversarial auxiliary branch)."""
         return []
 
+    def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: :meth:`parameters` with ``weight_decay``, except
+        :meth:`no_decay_parameters` (weight decay 0). Methods with per-level learning rates add
+        groups carrying their own ``lr``. Use as ``AdamW(method.param_groups(0.01), lr=...)``.
+        """
+        no_decay = {id(p) for p in self.no_decay_parameters()}
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) not in no_decay], "weight_decay": weight_decay},
+            {"params": [p for p in self.parameters() if id(p) in no_decay], "weight_decay": 0.0},
+        ]
+        return [g for g in groups if g["params"]]
+
     def bind(self, optimizer: torch.optim.Optimizer) -> Method:
         """Run :meth:`after_step` after every ``optimizer.step()`` (idempotent, Accelerate-aware)."""
         inner = optimizer
