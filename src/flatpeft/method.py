@@ -9,8 +9,9 @@ auxiliary adapter active.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -175,6 +176,21 @@ class Method:
     def strength(self) -> dict[str, float]:
         """The current perturbation strength(s) for logging, e.g. ``{"sigma": 0.03}``."""
         return {}
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set T (total optimizer steps) in the config, for methods whose config has ``total_steps``."""
+        if "total_steps" in {f for f, *_ in self.config.describe()}:
+            self.config = self.config.replace(total_steps=int(total_steps))
+
+    @contextlib.contextmanager
+    def exported(self) -> Iterator[None]:
+        """Within the block, the primary adapter holds stock LoRA weights for saving.
+
+        A method whose adapter is not a stock LoRA adapter while training (e.g. a per-rank scale
+        between A and B) folds it in here and restores its training form exactly on exit. The
+        Trainer integration saves checkpoints inside this block.
+        """
+        yield
 
     # -- hooks for subclasses -----------------------------------------------------------------------
 
