@@ -206,6 +206,21 @@ def effective_rows(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tenso
         return geo.rows(w0.float() + delta.float())
 
 
+def prune_saved_adapters(output_dir: str, model: nn.Module, keep: str) -> None:
+    """Remove the folders ``save_pretrained`` wrote for adapters other than ``keep``.
+
+    PEFT writes a non-default adapter ``name`` under ``output_dir/name``; auxiliary adapters a method
+    adds while training must never be shipped.
+    """
+    import os
+    import shutil
+
+    for name in getattr(unwrap_model(model), "peft_config", {}):
+        path = os.path.join(output_dir, name)
+        if name != keep and os.path.isfile(os.path.join(path, "adapter_config.json")):
+            shutil.rmtree(path)
+
+
 def base_bias(layer: nn.Module) -> torch.Tensor | None:
     """The base layer's bias (``None`` if it has none)."""
     return getattr(layer.get_base_layer(), "bias", None)

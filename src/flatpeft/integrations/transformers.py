@@ -1,0 +1,251 @@
+"""Transformers integration: ``FlatTrainer`` and ``FlatTrainerMixin`` (SPEC §2).
+
+The mixin keeps everything the Trainer already does (loss computation and scaling for gradient
+accumulation, ``accelerator.backward`` with AMP loss scaling, its optimizer choice and weight-decay
+rules) and changes three things:
+
+- the method is attached when the optimizer is built, with T = the Trainer's own max steps, and bound
+  to the optimizer so post-step work runs exactly once per optimizer step;
+- ``training_step`` hands the method a closure that runs the Trainer's own ``training_step`` with
+  ``accelerator.backward`` intercepted, so one- and two-pass methods see exactly the loss the
+  Trainer would have backpropagated, and backpropagate it with ``accelerator.backward``;
+- checkpoints also hold ``flatpeft_method.pt`` (the method state) and only the primary adapter.
+
+Usage with another Trainer subclass (e.g. TRL's ``SFTTrainer``)::
+
+    class FlatSFTTrainer(FlatTrainerMixin, SFTTrainer):
+        pass
+
+    trainer = FlatSFTTrainer(model=peft_model, args=..., train_dataset=..., method="flat_lora",
+                             method_config={"sigma": 0.05})
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .. import _peft
+from ..config import MethodConfig
+from ..method import Method, attach
+from ..registry import get_method, make_config
+
+__all__ = ["METHOD_STATE_NAME", "FlatTrainer", "FlatTrainerMixin"]
+
+METHOD_STATE_NAME = "flatpeft_method.pt"
+
+
+class _TotalSteps(TrainerCallback):
+    """Sets T from the Trainer state once it is final (``on_train_begin``)."""
+
+    def __init__(self, trainer: FlatTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        method = self.trainer.flat_method
+        if method is not None and state.max_steps > 0 and not self.trainer._user_total_steps:
+            method.set_total_steps(state.max_steps)
+
+
+class FlatTrainerMixin:
+    """Adds a flatpeft method to a ``transformers.Trainer`` subclass.
+
+    Args:
+        method: Registry name or config instance (default ``"lora"``).
+        method_config: Config overrides, e.g. ``{"sigma": 0.1}``. ``total_steps`` is taken from the
+            Trainer's max steps unless given here.
+        upper_dataset: For methods with ``needs_upper_loss`` (bi-level), the D2 split; by default the
+            training set is split with the config's ``split`` fraction and its ``seed``.
+        *args, **kwargs: Passed to the Trainer.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        method: str | MethodConfig = "lora",
+        method_config: dict[str, Any] | None = None,
+        upper_dataset: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        overrides = dict(method_config or {})
+        self._user_total_steps = "total_steps" in overrides
+        self.flat_config = make_config(method, **_with_placeholder_steps(method, overrides))
+        self.flat_method: Method | None = None
+        super().__init__(*args, **kwargs)
+        self.add_callback(_TotalSteps(self))
+        self._upper_loader = None
+        self._upper_iter = None
+        if get_method(self.flat_config.method).needs_upper_loss:
+            if upper_dataset is None:
+                self.train_dataset, upper_dataset = split_dataset(
+                    self.train_dataset, getattr(self.flat_config, "split", 0.8), self.flat_config.seed
+                )
+            self.upper_dataset = upper_dataset
+
+    # -- attaching the method where the optimizer is built -------------------------------------------
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        self._flat_steps = num_training_steps
+        super().create_optimizer_and_scheduler(num_training_steps)
+
+    def _ensure_method(self) -> Method:
+        if self.flat_method is None:
+            steps = (
+                getattr(self, "_flat_steps", None)
+                or getattr(self.state, "max_steps", 0)
+                or self.args.max_steps
+            )
+            config = self.flat_config
+            if steps and steps > 0 and not self._user_total_steps and "total_steps" in _fields(config):
+                config = config.replace(total_steps=int(steps))
+            self.flat_method = attach(self.model, config)
+        return self.flat_method
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        method = self._ensure_method()
+        no_decay = {id(p) for p in method.no_decay_parameters()}
+        return [n for n, p in model.named_parameters() if n in names and id(p) not in no_decay]
+
+    def create_optimizer(self, model=None):
+        method = self._ensure_method()
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        _apply_group_options(optimizer, method.param_groups(self.args.weight_decay))
+        method.bind(optimizer)
+        return optimizer
+
+    # -- the step -----------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        method = self._ensure_method()
+        accelerator = self.accelerator
+        real_backward = accelerator.backward
+        captured: dict[str, Any] = {}
+
+        def run(batch) -> torch.Tensor:
+            # The Trainer's own step, with its backward replaced by capturing the loss it would use.
+            def capture(loss, **bw_kwargs):
+                captured["loss"], captured["kwargs"] = loss, bw_kwargs
+
+            accelerator.backward = capture
+            try:
+                parent = super(FlatTrainerMixin, self)
+                parent.training_step(model, dict(batch), num_items_in_batch, *args, **kwargs)
+            finally:
+                del accelerator.backward
+            return captured["loss"]
+
+        self._flat_strength = method.strength()  # logged with this step's loss
+        extra = {}
+        if method.needs_upper_loss:
+            upper = self._next_upper_batch()
+            extra["upper_loss_fn"] = lambda: run(upper)
+        loss = method.backward(
+            lambda: run(inputs), backward_fn=lambda loss: real_backward(loss, **captured["kwargs"]), **extra
+        )
+        return loss
+
+    def _next_upper_batch(self):
+        if self._upper_loader is None:
+            self._upper_loader = self._get_upper_dataloader()
+        while True:
+            if self._upper_iter is None:
+                self._upper_iter = iter(self._upper_loader)
+            try:
+                return next(self._upper_iter)
+            except StopIteration:
+                self._upper_iter = None
+
+    def _get_upper_dataloader(self):
+        saved = self.train_dataset
+        try:
+            self.train_dataset = self.upper_dataset
+            return self.get_train_dataloader()
+        finally:
+            self.train_dataset = saved
+
+    # -- checkpoints and logs -------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        method = self.flat_method
+        if method is None:
+            return super()._save(output_dir, state_dict)
+        with method.exported():
+            super()._save(output_dir, None)
+        _peft.prune_saved_adapters(output_dir or self.args.output_dir, self.model, keep=method.adapter)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.flat_method is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            if os.path.isdir(folder):
+                torch.save(self.flat_method.state_dict(), os.path.join(folder, METHOD_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, METHOD_STATE_NAME) if checkpoint else None
+        if path and os.path.isfile(path) and self.flat_method is not None:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not self._user_total_steps and "total_steps" in _fields(self.flat_method.config):
+                self.flat_method.set_total_steps(state["config"]["total_steps"])
+            self.flat_method.load_state_dict(state)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.flat_method is not None and "loss" in logs:
+            logs.update(getattr(self, "_flat_strength", {}))
+        super().log(logs, *args, **kwargs)
+
+
+class FlatTrainer(FlatTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` that trains with a flatpeft method (see :class:`FlatTrainerMixin`)."""
+
+
+def _fields(config: MethodConfig) -> set[str]:
+    return {name for name, *_ in config.describe()}
+
+
+def _with_placeholder_steps(method: str | MethodConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    # The config is validated now, but T is only known when training starts: use a placeholder.
+    name = method.method if isinstance(method, MethodConfig) else method
+    cls = get_method(name).config_class
+    unset = not isinstance(method, MethodConfig) or getattr(method, "total_steps", None) is None
+    if "total_steps" in {f for f, *_ in cls.describe()} and "total_steps" not in overrides and unset:
+        return {**overrides, "total_steps": 1}
+    return overrides
+
+
+def _apply_group_options(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Move parameters whose method group sets its own options (e.g. ``lr``) into their own group."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    for group in groups:
+        options = {k: v for k, v in group.items() if k not in ("params", "weight_decay")}
+        if not options:
+            continue
+        ids = {id(p) for p in group["params"]}
+        for existing in inner.param_groups:
+            existing["params"] = [p for p in existing["params"] if id(p) not in ids]
+        inner.param_groups[:] = [g for g in inner.param_groups if g["params"]]
+        new = {k: v for k, v in inner.defaults.items() if k != "params"}
+        new.update(group)
+        new["params"] = list(group["params"])
+        inner.add_param_group(new)
+
+
+def split_dataset(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """A seeded ``fraction : 1 - fraction`` split (D1, D2) of a map-style dataset."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = max(1, min(n - 1, round(fraction * n)))
+    first, second = sorted(order[:cut]), sorted(order[cut:])
+    if hasattr(dataset, "select"):  # datasets.Dataset
+        return dataset.select(first), dataset.select(second)
+    return torch.utils.data.Subset(dataset, first), torch.utils.data.Subset(dataset, second)
