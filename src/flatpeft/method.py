@@ -120,9 +120,7 @@ class Method:
 
     def bind(self, optimizer: torch.optim.Optimizer) -> Method:
         """Run :meth:`after_step` after every ``optimizer.step()`` (idempotent, Accelerate-aware)."""
-        inner = optimizer
-        while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-            inner = inner.optimizer  # accelerate.AcceleratedOptimizer and similar wrappers
+        inner = unwrap_optimizer(optimizer)
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(f"bind() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if id(inner) not in self._hooks:
@@ -214,6 +212,13 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(step={self.step}, config={self.config})"
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The innermost optimizer under wrappers such as ``accelerate.AcceleratedOptimizer``."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def attach(model: nn.Module, method: str | MethodConfig = "lora", **overrides: Any) -> Method:

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 
 from .. import _peft
 from ..config import MethodConfig
-from ..method import Method, attach
+from ..method import Method, attach, unwrap_optimizer
 from ..registry import get_method, make_config
 
 __all__ = ["METHOD_STATE_NAME", "FlatTrainer", "FlatTrainerMixin"]
@@ -223,9 +223,7 @@ def _with_placeholder_steps(method: str | MethodConfig, overrides: dict[str, Any
 
 def _apply_group_options(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
     """Move parameters whose method group sets its own options (e.g. ``lr``) into their own group."""
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = unwrap_optimizer(optimizer)
     for group in groups:
         options = {k: v for k, v in group.items() if k not in ("params", "weight_decay")}
         if not options:
