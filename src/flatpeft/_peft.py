@@ -253,3 +253,113 @@ def patched_base_forward(patches: dict[nn.Module, Callable[..., torch.Tensor]]) 
                 del base.forward
             else:
                 base.forward = previous
+
+
+# -- auxiliary adapters (bi_lora) ------------------------------------------------------------------
+
+
+def _fork_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[nn.Module]:
+    """Add a LoRA adapter ``name`` of rank ``r`` on exactly the layers that carry ``primary``.
+
+    It goes through PEFT's own ``add_adapter`` (so ``peft_config``, saving filters and
+    ``delete_adapter`` know it), with the primary's ``lora_alpha``, ``fan_in_fan_out`` and
+    ``use_rslora``, no dropout, no bias, no DoRA and no ``modules_to_save`` (the base
+    ``PeftModel.add_adapter`` is called so that task models such as ``SEQ_CLS`` do not give the
+    auxiliary adapter its own classifier copy). The new adapter stays inactive; its parameters are
+    trainable. PEFT's initialisation draws from the global RNG, whose state is put back afterwards:
+    the caller re-initialises the factors from its own generator.
+
+    Returns:
+        The LoRA layers carrying ``primary`` (now also carrying ``name``), in module order.
+
+    Raises:
+        ValueError: if an adapter called ``name`` exists already.
+    """
+    from peft import LoraConfig, PeftModel
+
+    inner = unwrap_model(model)
+    if name in inner.peft_config:
+        raise ValueError(f"the model already has an adapter named {name!r}; delete it or detach its method")
+    primary_config = inner.peft_config[primary]
+    cls = _lora_layer_class()
+    targets = [
+        key
+        for key, m in inner.base_model.model.named_modules()
+        if isinstance(m, cls) and (primary in m.lora_A or primary in m.lora_embedding_A)
+    ]
+    config = LoraConfig(
+        r=r,
+        lora_alpha=primary_config.lora_alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        fan_in_fan_out=primary_config.fan_in_fan_out,
+        use_rslora=primary_config.use_rslora,
+        bias="none",
+    )
+    with torch.random.fork_rng(devices=_fork_devices()):
+        PeftModel.add_adapter(inner, name, config)
+    layers = [layer for _, layer in lora_layers(inner, primary)]
+    for layer in layers:
+        if name not in layer.lora_A and name not in layer.lora_embedding_A:
+            remove_aux_adapter(inner, name)
+            raise ValueError(f"PEFT could not add the auxiliary adapter {name!r} to {type(layer).__name__}")
+    for p in aux_parameters(layers, name):
+        p.requires_grad_(True)
+    return layers
+
+
+def remove_aux_adapter(model: nn.Module, name: str) -> None:
+    """Delete the auxiliary adapter ``name`` (no-op if it is gone); the active adapter is unchanged."""
+    inner = unwrap_model(model)
+    if name in inner.peft_config:
+        inner.delete_adapter(name)
+
+
+def aux_factors(layer: nn.Module, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """The ``(B, A)`` parameters of adapter ``name`` in ``layer``: ΔW = scaling · B·A (transposed for
+    embeddings and ``fan_in_fan_out``; for convolutions B is a 1×1 kernel and A is flattened per rank)."""
+    if name in layer.lora_A:
+        return layer.lora_B[name].weight, layer.lora_A[name].weight
+    return layer.lora_embedding_B[name], layer.lora_embedding_A[name]
+
+
+def aux_parameters(layers: list[nn.Module], name: str) -> list[nn.Parameter]:
+    """``[B, A]`` of adapter ``name`` for every layer, in layer order."""
+    return [p for layer in layers for p in aux_factors(layer, name)]
+
+
+def _all_adapter_parameters(layer: nn.Module) -> Iterator[nn.Parameter]:
+    for attr in layer.adapter_layer_names:
+        for item in getattr(layer, attr, {}).values():
+            yield from item.parameters() if isinstance(item, nn.Module) else [item]
+
+
+@contextlib.contextmanager
+def adapters_active(layers: list[nn.Module], names: list[str]) -> Iterator[None]:
+    """Within the block, ``layers`` run every adapter in ``names`` (their outputs add up).
+
+    Uses each layer's own ``set_adapter`` (the model-level active adapter, ``modules_to_save`` and
+    ``peft_config`` are untouched) and restores each layer's previous active adapters on exit.
+    ``set_adapter`` flips ``requires_grad`` of the adapters it (de)activates; the flags of every
+    adapter parameter are put back exactly as they were, so inactive adapters stay trainable.
+    """
+    previous = [list(layer.active_adapters) for layer in layers]
+    flags = [(p, p.requires_grad) for layer in layers for p in _all_adapter_parameters(layer)]
+
+    def restore_flags() -> None:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    try:
+        for layer in layers:
+            layer.set_adapter(list(names))
+        restore_flags()
+        yield
+    finally:
+        for layer, active in zip(layers, previous, strict=True):
+            layer.set_adapter(active)
+        restore_flags()

@@ -1,0 +1,214 @@
+"""``bi_lora`` — Bi-LoRA (Liu, Li, Huang, Yang, Huang, 2025, https://arxiv.org/abs/2508.19564).
+
+An auxiliary LoRA branch (B2, A2; rank r2, scaling s2) carries SAM's adversarial weight perturbation
+while the primary adapter (B1, A1; scaling s1) learns the task, in ONE forward/backward per step:
+
+    W = W0 + s1·B1A1 + s2·B2A2,      min_{B1,A1}  max_{‖s2·B2A2‖ ≤ ρ}  L(W)
+    g = ∇L(W0 + s1·B1A1 + s2·B2A2)                         (one pass, both adapters active)
+    (B1, A1) ← (B1, A1) − η·g_{B1,A1}                      (descent, the user's optimizer)
+    (B2, A2) ← (B2, A2) + η·g_{B2,A2}                      (ascent: the auxiliary .grad holds −g)
+    c = sqrt(Σ_layers ‖s2·B2A2‖_F²);  if c > ρ:  (B2, A2) ← sqrt(ρ/c)·(B2, A2)   (so c lands on ρ)
+
+‖BA‖_F² is computed without forming BA, as sum((BᵀB) ⊙ (AAᵀ)). ``clip="layer"`` bounds each layer's
+‖s2·B2A2‖_F by ρ instead; ``clip="none"`` leaves the auxiliary branch free (ablations only).
+
+Design: the auxiliary branch is a second PEFT LoRA adapter on the primary's layers (added with PEFT's
+``add_adapter``: alpha of the primary, no dropout, no DoRA), active together with the primary only
+inside :meth:`BiLoRA.backward`, so evaluation, ``save_pretrained`` and ``merge_and_unload`` see the
+primary alone. Its initialisation is PEFT's default distribution (A2 ~ U(±1/√fan_in), B2 = 0) drawn
+from a generator seeded by ``seed``; ``aux_init="random"`` also draws B2 and scales it onto the
+constraint boundary (norm ρ). ``detach()`` deletes the adapter; :meth:`BiLoRA.state_dict` carries its
+weights so a resumed run continues the same ascent.
+
+Pitfalls handled here:
+
+- Gradient accumulation: the ascent must use the step's accumulated gradient. A tensor hook negates
+  each backward's contribution to the auxiliary gradient *before* it is accumulated, so ``.grad``
+  ends as −Σ_micro-batches g and earlier contributions are never negated twice.
+- Weight decay would pull the perturbation towards 0: :meth:`BiLoRA.no_decay_parameters` lists the
+  auxiliary factors (``FlatTrainer`` and ``param_groups`` put them in a group with decay 0; in a plain
+  loop use ``AdamW(method.param_groups(wd), lr=...)``). They use the same learning rate as the primary.
+- Clipping rescales the factors after ``optimizer.step()`` (step post-hook, once per optimizer step)
+  and leaves the optimizer's state for them untouched, as in the paper.
+- The returned loss is the loss at the perturbed point, slightly above plain LoRA's training loss.
+- With ρ = 0 the auxiliary branch is never run: ``backward`` is exactly ``loss.backward()``.
+- DoRA primaries work: the primary runs before the auxiliary branch inside each layer (DoRA rescales
+  the running output it is given), so the auxiliary term is added unscaled.
+- Saving while attached: ``model.save_pretrained(dir, selected_adapters=[method.adapter])``, or
+  ``method.detach()`` first; a plain ``save_pretrained`` would also write the auxiliary adapter into
+  ``dir/bi_lora_aux`` (``FlatTrainer`` removes that folder).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .. import _peft
+from ..config import MethodConfig, option
+from ..method import Method
+from ..perturb import gram_fro_sq, mix_seed
+from ..registry import register
+
+__all__ = ["AUX_ADAPTER", "BiLoRA", "BiLoRAConfig"]
+
+AUX_ADAPTER = "bi_lora_aux"
+_INIT_TAG = 0xB1A0
+
+
+@dataclass(frozen=True)
+class BiLoRAConfig(MethodConfig):
+    """Auxiliary adversarial LoRA branch with norm clipping."""
+
+    method = "bi_lora"
+    rho: float = option(
+        0.05,
+        "Radius ρ of the auxiliary perturbation s2·B2A2 (Frobenius norm; paper: 0.05 GLUE/LLaMA, 0.1 "
+        "SuperGLUE/Qwen).",
+        min=0.0,
+        strength=True,
+    )
+    aux_r: int = option(8, "Rank r2 of the auxiliary adapter (its alpha is the primary's lora_alpha).", min=1)
+    clip: Literal["global", "layer", "none"] = option(
+        "global", "Bound on s2·B2A2: global norm over all layers ≤ ρ, each layer's norm ≤ ρ, or none."
+    )
+    aux_init: Literal["zero", "random"] = option(
+        "zero", "Auxiliary start: zero (PEFT default, B2 = 0) or random (B2 drawn, scaled to norm ρ)."
+    )
+
+
+@register
+class BiLoRA(Method):
+    """Bi-LoRA: descent on the primary adapter, ascent on a clipped auxiliary adapter, one pass."""
+
+    config_class = BiLoRAConfig
+    paper = (
+        "Bi-LoRA: Efficient Sharpness-Aware Minimization for Fine-Tuning Large-Scale Models "
+        "(Liu, Li et al., 2025) arXiv:2508.19564"
+    )
+
+    def _setup(self) -> None:
+        self.aux_name = AUX_ADAPTER
+        self.aux_layers = _peft.add_aux_adapter(self.model, self.adapter, self.aux_name, self.config.aux_r)
+        self.factors = [_peft.aux_factors(layer, self.aux_name) for layer in self.aux_layers]
+        self.aux_params = _peft.aux_parameters(self.aux_layers, self.aux_name)
+        self.scalings = [_peft.scaling(layer, self.aux_name) for layer in self.aux_layers]
+        self._init_aux()
+
+    def _teardown(self) -> None:
+        _peft.remove_aux_adapter(self.model, self.aux_name)
+
+    # -- the optimizer's view -----------------------------------------------------------------------
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters, auxiliary factors included (even if something froze them)."""
+        aux = {id(p) for p in self.aux_params}
+        return [p for p in self.model.parameters() if p.requires_grad or id(p) in aux]
+
+    def no_decay_parameters(self) -> list[torch.nn.Parameter]:
+        """The auxiliary factors: weight decay would shrink the adversarial perturbation."""
+        return list(self.aux_params)
+
+    def strength(self) -> dict[str, float]:
+        return {"rho": self.config.rho}
+
+    # -- norms and clipping -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def layer_norms(self) -> torch.Tensor:
+        """``(layers,)`` fp32 ‖s2·B2A2‖_F of every layer, by the Gram trick (B2A2 is never formed)."""
+        sq = [
+            gram_fro_sq(b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)) * (s * s)
+            for (b, a), s in zip(self.factors, self.scalings, strict=True)
+        ]
+        device = sq[0].device
+        return torch.stack([v.to(device) for v in sq]).sqrt()
+
+    def aux_norm(self) -> float:
+        """Global c = sqrt(Σ_layers ‖s2·B2A2‖_F²) of the auxiliary perturbation."""
+        return float(self.layer_norms().pow(2).sum().sqrt())
+
+    def _constraint_norms(self) -> torch.Tensor:
+        """Per layer, the norm the constraint bounds: its own (``clip="layer"``) or the global c."""
+        norms = self.layer_norms()
+        if self.config.clip == "layer":
+            return norms
+        return norms.pow(2).sum().sqrt().expand_as(norms)
+
+    @torch.no_grad()
+    def clip_(self) -> None:
+        """Project the auxiliary branch onto its constraint: if c > ρ, B2 and A2 *= sqrt(ρ/c)."""
+        if self.config.clip == "none":
+            return
+        c, rho = self._constraint_norms(), self.config.rho
+        factors = torch.where(c > rho, (rho / c).sqrt(), torch.ones_like(c))  # a tensor: no host sync
+        for f, (b, a) in zip(factors, self.factors, strict=True):
+            b.mul_(f.to(b.device, b.dtype))
+            a.mul_(f.to(a.device, a.dtype))
+
+    @torch.no_grad()
+    def _init_aux(self) -> None:
+        for i, (b, a) in enumerate(self.factors):
+            gen = torch.Generator().manual_seed(mix_seed(self.config.seed, _INIT_TAG, i))
+            a.copy_(_uniform(a.shape, a.reshape(a.shape[0], -1).shape[1], gen))  # PEFT's kaiming(a=√5)
+            if self.config.aux_init == "zero":
+                b.zero_()
+            else:
+                b.copy_(_uniform(b.shape, b.reshape(b.shape[0], -1).shape[1], gen))
+        if self.config.aux_init == "random":
+            # Onto the boundary (norm ρ); only B2 is scaled, so the norm scales linearly.
+            c = self._constraint_norms()
+            scale = torch.where(c > 0, self.config.rho / c, torch.zeros_like(c))
+            for f, (b, _) in zip(scale, self.factors, strict=True):
+                b.mul_(f.to(b.device, b.dtype))
+
+    def _after_step(self) -> None:
+        self.clip_()
+
+    # -- the pass -----------------------------------------------------------------------------------
+
+    def _backward(self, loss_fn, backward_fn, **kwargs):
+        if self.config.rho == 0.0:  # no perturbation: exactly a plain backward
+            loss = loss_fn()
+            backward_fn(loss)
+            return loss.detach()
+        for p in self.aux_params:  # a model-level set_adapter() elsewhere may have frozen them
+            p.requires_grad_(True)
+        # Primary first: DoRA rescales the running output it is given, the auxiliary term is added after.
+        with _peft.adapters_active(self.aux_layers, [self.adapter, self.aux_name]):
+            # Ascent: negate each backward's contribution before it is accumulated into .grad.
+            handles = [p.register_hook(torch.neg) for p in self.aux_params]
+            try:
+                loss = loss_fn()
+                backward_fn(loss)
+            finally:
+                for h in handles:
+                    h.remove()
+        return loss.detach()
+
+    # -- exact resume -------------------------------------------------------------------------------
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"aux": [p.detach().clone() for p in self.aux_params]}
+
+    @torch.no_grad()
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("aux")
+        if saved is None:
+            return
+        shapes = [tuple(p.shape) for p in self.aux_params]
+        if [tuple(t.shape) for t in saved] != shapes:
+            raise ValueError(
+                "the saved auxiliary adapter does not match this model's (different target modules or "
+                "aux_r); attach to the same model with the same configuration"
+            )
+        for p, t in zip(self.aux_params, saved, strict=True):
+            p.copy_(t)
+
+
+def _uniform(shape: torch.Size, fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    """U(-1/√fan_in, 1/√fan_in) in fp32 on the CPU (device-independent draws)."""
+    return (torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
