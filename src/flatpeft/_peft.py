@@ -206,6 +206,34 @@ def effective_rows(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tenso
         return geo.rows(w0.float() + delta.float())
 
 
+def base_rows(layer: nn.Module, geo: Geometry) -> torch.Tensor:
+    """The frozen base weight as ``(m, n)`` rows (dequantized if needed; a view when dense)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    base = layer.get_base_layer()
+    w0 = _dense_weight(base)
+    return geo.rows(w0 if w0 is not None else dequantize_module_weight(base))
+
+
+@torch.no_grad()
+def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str, base_sq: torch.Tensor) -> torch.Tensor:
+    """‖W'_i‖₂ for every row of W' = W0 + s·B·A, in fp32, without forming W'.
+
+    ‖W'_i‖² = ‖W0_i‖² + 2s·⟨(W0·Aᵀ)_i, B_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ costs one (m·n·r) product instead of
+    materialising B·A and W' (``base_sq`` = ‖W0_i‖², constant while W0 is frozen). Conv2d layers and
+    LoRA variants whose delta is not s·B·A go through :func:`effective_rows`.
+    """
+    if geo.kind == "conv2d" or adapter in getattr(layer, "lora_variant", {}):
+        return effective_rows(layer, geo, adapter).norm(dim=1)
+    s = scaling(layer, adapter)
+    b = layer.lora_B[adapter].weight.float()
+    a = layer.lora_A[adapter].weight.float()
+    w0 = base_rows(layer, geo)
+    cross = ((w0 @ a.t().to(w0.dtype)).float() * b).sum(1)
+    quad = ((b @ (a @ a.t())) * b).sum(1)
+    return (base_sq + 2 * s * cross + s * s * quad).clamp_min_(0).sqrt_()
+
+
 def prune_saved_adapters(output_dir: str, model: nn.Module, keep: str) -> None:
     """Remove the folders ``save_pretrained`` wrote for adapters other than ``keep``.
 
@@ -363,3 +391,20 @@ def adapters_active(layers: list[nn.Module], names: list[str]) -> Iterator[None]
         for layer, active in zip(layers, previous, strict=True):
             layer.set_adapter(active)
         restore_flags()
+
+
+# -- LoRA factors (fm_lora, eflat_lora) ------------------------------------------------------------
+
+
+def lora_factors(layer: nn.Module, adapter: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """The ``(A, B)`` weights of ``adapter`` in ``layer``: ΔW = scaling · B·A on the 2-D views
+    ``A.reshape(r, -1)`` and ``B.reshape(B.shape[0], -1)`` (transposed for embeddings and
+    ``fan_in_fan_out``; B is a 1×1 kernel for convolutions).
+
+    Raises:
+        ValueError: if ``layer`` carries no LoRA factors for ``adapter``.
+    """
+    if adapter not in layer.lora_A and adapter not in layer.lora_embedding_A:
+        raise ValueError(f"{type(layer).__name__} has no LoRA factors for adapter {adapter!r}")
+    b, a = aux_factors(layer, adapter)
+    return a, b
