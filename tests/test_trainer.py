@@ -158,3 +158,13 @@ def test_trainer_dora(method_name, tmp_path):
     out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
     assert_bit_identical(frozen, frozen_state(model))
+
+
+def test_lora_through_flat_trainer_equals_plain_trainer(tmp_path):
+    # Same loss scaling, gradient accumulation and optimizer as the stock Trainer, bit for bit.
+    plain_model, flat_model = tiny_bert(), tiny_bert()
+    Trainer(model=plain_model, args=_args(tmp_path / "a"), train_dataset=_dataset()).train()
+    flatpeft.FlatTrainer(
+        model=flat_model, args=_args(tmp_path / "b"), train_dataset=_dataset(), method="lora"
+    ).train()
+    assert_bit_identical(trainable_state(plain_model), trainable_state(flat_model))

@@ -221,7 +221,9 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def attach(model: nn.Module, method: str | MethodConfig = "lora", **overrides: Any) -> Method:
+def attach(
+    model: nn.Module, method: str | MethodConfig = "lora", *, total_steps: int | None = None, **overrides: Any
+) -> Method:
     """Attach a flatpeft method to a PEFT LoRA model.
 
     Call it before building the optimizer, then ``optimizer = Opt(method.parameters())`` and
@@ -230,6 +232,8 @@ def attach(model: nn.Module, method: str | MethodConfig = "lora", **overrides: A
     Args:
         model: A ``peft.PeftModel`` with LoRA adapters (possibly wrapped by DDP).
         method: A registry name (see :func:`flatpeft.list_methods`) or a config instance.
+        total_steps: Number of optimizer steps of the run, for methods with a schedule over T
+            (ignored by the others, so a loop can pass it whatever the method).
         **overrides: Config fields to set, e.g. ``sigma=0.1``.
 
     Returns:
@@ -242,5 +246,8 @@ def attach(model: nn.Module, method: str | MethodConfig = "lora", **overrides: A
     """
     from .registry import get_method, make_config
 
+    name = method.method if isinstance(method, MethodConfig) else method
+    if total_steps is not None and "total_steps" in {f for f, *_ in get_method(name).config_class.describe()}:
+        overrides = {"total_steps": total_steps, **overrides}
     config = make_config(method, **overrides)
     return get_method(config.method)(model, config)
