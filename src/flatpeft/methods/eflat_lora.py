@@ -1,0 +1,326 @@
+"""``fm_lora`` / ``eflat_lora`` — FMLoRA and EFMLoRA (Deng et al., https://arxiv.org/abs/2508.00522).
+
+(v1 of the paper calls them Flat-LoRA / EFlat-LoRA; ``flat_lora`` here is Li et al.'s method.)
+Full-space SAM carried by B alone. With ΔW = s·B·A, ∇B = s·G·Aᵀ and ∇A = s·Bᵀ·G (G = ∂L/∂W), so
+
+    ĝ   = ½ [ (1/s)·∇B·(Aᵀ)⁺ + (1/s)·(Bᵀ)⁺·∇A ]         (= ½(G·P_A + P_B·G), the full-weight estimate)
+    Ē_W = ρ · ĝ / ‖ĝ‖_F                                (per layer; ``norm="global"``: one norm over layers)
+    E_B = (1/s) · Ē_W · A⁺                             (A is never perturbed; s·E_B·A = Ē_W·P_A)
+
+``fm_lora`` (two passes, like SAM): gradient at (B, A) → E_B → ``.grad +=`` gradient at (B + E_B, A) →
+B restored by copy. ``eflat_lora`` (one pass): the gradient is taken at (B + Ê_B, A) with an EMA
+Ê_B ← (1 − β)·Ê_B + β·E_B, where E_B comes from that perturbed-point gradient.
+
+Implementation, O(r²(m + n)) per layer and no m×n matrix: A⁺ = Aᵀ(AAᵀ + λ_A I)⁻¹ and
+(Bᵀ)⁺ = B(BᵀB + λ_B I)⁻¹ by damped r×r solves in fp32 (a per-layer SVD ``pinverse`` is ~4.5× slower),
+λ = δ·tr(Gram)/r so the estimate is invariant to the rescaling (cB, A/c). ĝ stays factored,
+ĝ = [∇B, B]·D·[A; ∇A] with D = blockdiag(c₁K_A⁻¹, c₂K_B⁻¹)/s, so with S = [A; ∇A][A; ∇A]ᵀ:
+‖ĝ‖_F² = Σ([∇B, B]ᵀ[∇B, B] ⊙ D·S·Dᵀ) and ĝ·A⁺ = [∇B, B]·D·S[:, :r]·K_A⁻¹.
+
+Pitfalls and decisions:
+- The sign(·) printed in the paper's Ē_W is a typo: the direction is ĝ itself.
+- B = 0 (PEFT's initialisation) makes ∇A = 0, so the first term alone is used (c₁ = 1, c₂ = 0). "Near
+  zero" is RMS(B) ≤ 1e-12 (``B_ZERO_RMS``): far below any trained B, high enough that BᵀB and its damped
+  inverse stay in fp32 range; any B above it spans a valid projector. A factor without gradient (frozen
+  A or B) drops its term the same way.
+- ``eflat_lora`` stores Ê_B for ρ = 1 and applies ρ_t·Ê_B: the paper's recurrence for constant ρ, and a
+  schedule acts on the radius at once. The first ``backward`` (no Ê_B yet) takes one extra clean
+  gradient of its micro-batch with ``torch.autograd.grad`` (``.grad`` untouched, dropout replayed) and
+  sets Ê_B = E_B from it: one extra pass per run. Its returned loss is the perturbed one (clean on that
+  first call).
+- Gradient accumulation: ``eflat_lora`` perturbs every micro-batch of a step by the same Ê_B and updates
+  the EMA once per optimizer step, in the step post-hook, from the accumulated ``.grad`` and the factors
+  it was taken at (copies of A and B + Ê_B kept until then). Clipping and AMP unscaling only rescale
+  ``.grad``; the normalisation removes that. ``fm_lora`` perturbs each micro-batch along its own
+  gradient, like ``lora_sam``; under DDP its first pass is local to the rank.
+- β: the paper's β value was not recoverable (its hyper-parameter table was not available). 0.9 is our
+  specification's default; as β weights the newest E_B, Ê_B stays within about one step of the current
+  direction (closest to two-pass FMLoRA) while smoothing batch noise.
+- LoRA variants such as DoRA keep ∇B = s·X·Aᵀ, ∇A = s·Bᵀ·X for X = ∂L/∂(s·B·A): ĝ then estimates X.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .. import _peft
+from ..config import MethodConfig, option
+from ..method import Method
+from ..perturb import RngReplay, restore_, snapshot
+from ..registry import register
+
+__all__ = [
+    "B_ZERO_RMS",
+    "EFMLoRA",
+    "EFMLoRAConfig",
+    "FMLoRA",
+    "FMLoRAConfig",
+    "full_gradient_estimate",
+    "perturbation_directions",
+    "rho_at",
+]
+
+B_ZERO_RMS = 1e-12  # B is "near zero" (first-term fallback) when its root-mean-square entry is below this
+
+
+@dataclass(frozen=True)
+class _FullSpaceConfig(MethodConfig):
+    rho: float = option(0.05, "Radius ρ of the full-weight perturbation Ē_W.", min=0.0, strength=True)
+    norm: Literal["layer", "global"] = option(
+        "layer", "‖ĝ‖ per adapted layer (paper) or one global norm over all layers."
+    )
+    rho_schedule: Literal["constant", "cosine", "inv_sqrt"] = option(
+        "constant", "ρ_t: constant, cosine decay ρ·½(1+cos(πt/T)), or inv_sqrt ρ/√max(1, t)."
+    )
+    total_steps: int | None = option(
+        None, "T, total optimizer steps (needed by cosine; FlatTrainer sets it).", min=1
+    )
+    damping: float = option(
+        1e-4, "Relative damping δ of the r×r solves: λ = δ·tr(Gram)/r.", min=0.0, min_exclusive=True
+    )
+
+    def validate(self) -> None:
+        if self.rho_schedule == "cosine" and self.total_steps is None and self.rho > 0:
+            raise ValueError(
+                f"{type(self).__name__}.total_steps is required with rho_schedule='cosine'; pass "
+                "total_steps=<number of optimizer steps> or rho_schedule='constant'"
+            )
+
+
+@dataclass(frozen=True)
+class FMLoRAConfig(_FullSpaceConfig):
+    """FMLoRA: two-pass full-space SAM mapped onto B."""
+
+    method = "fm_lora"
+
+
+@dataclass(frozen=True)
+class EFMLoRAConfig(_FullSpaceConfig):
+    """EFMLoRA: one pass at an EMA of FMLoRA's perturbation of B."""
+
+    method = "eflat_lora"
+    beta: float = option(
+        0.9, "EMA weight β of the newest E_B (paper value not recoverable).", min=0.0, max=1.0
+    )
+
+
+def rho_at(rho: float, schedule: str, step: int, total_steps: int | None) -> float:
+    """ρ_t of the schedule at optimizer step ``step`` (cosine clamped to T)."""
+    if schedule == "constant" or rho == 0.0:
+        return rho
+    if schedule == "inv_sqrt":
+        return rho / math.sqrt(max(1, step))
+    return rho * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
+# -- the shared math -----------------------------------------------------------------------------------
+
+
+def _damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    r = gram.shape[0]
+    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+    lam = gram.diagonal().sum() * (damping / r) + torch.finfo(gram.dtype).tiny
+    return torch.linalg.solve(gram + lam * eye, eye)
+
+
+def _factored(a, b, grad_a, grad_b, scaling: float, damping: float):
+    """ĝ = left · d · right of one layer, with the Gram matrices of both sides (see module docstring)."""
+    dt = torch.promote_types(a.dtype, torch.float32)
+    a = a.detach().reshape(a.shape[0], -1).to(dt)
+    b = b.detach().reshape(b.shape[0], -1).to(dt)
+    r = a.shape[0]
+    ga = torch.zeros_like(a) if grad_a is None else grad_a.detach().reshape(a.shape).to(dt)
+    gb = torch.zeros_like(b) if grad_b is None else grad_b.detach().reshape(b.shape).to(dt)
+    left = torch.cat([gb, b], dim=1)  # [∇B, B]   (m, 2r)
+    right = torch.cat([a, ga], dim=0)  # [A; ∇A]  (2r, n)
+    gram_left, gram_right = left.t() @ left, right @ right.t()
+    ka_inv = _damped_inverse(gram_right[:r, :r], damping)
+    kb_inv = _damped_inverse(gram_left[r:, r:], damping)
+    b_live = gram_left[r:, r:].diagonal().sum() > b.numel() * B_ZERO_RMS**2
+    w1 = float(grad_b is not None)
+    w2 = b_live.to(dt) * float(grad_a is not None)
+    total = (w2 + w1).clamp_min(1.0)
+    d = torch.block_diag(ka_inv * (w1 / total), kb_inv * (w2 / total)) / scaling
+    a_live = gram_right[:r, :r].diagonal().sum() > a.numel() * B_ZERO_RMS**2
+    return left, d, right, gram_left, gram_right, ka_inv, a_live
+
+
+def full_gradient_estimate(a, b, grad_a, grad_b, scaling: float, damping: float = 1e-4) -> torch.Tensor:
+    """The dense ``(m, n)`` estimate ĝ of one layer (for tests and diagnostics; O(m·n·r))."""
+    left, d, right, *_ = _factored(a, b, grad_a, grad_b, scaling, damping)
+    return left @ (d @ right)
+
+
+def perturbation_directions(
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    grads: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    scalings: list[float],
+    norm: str = "layer",
+    damping: float = 1e-4,
+) -> list[torch.Tensor]:
+    """E_B for ρ = 1 of every layer, as ``(m, r)`` tensors in fp32 (or the factors' wider dtype).
+
+    Args:
+        factors: ``(A, B)`` of each layer, any layout whose 2-D views are ``(r, n)`` and ``(m, r)``.
+        grads: ``(∇A, ∇B)`` at that point (``None`` for a factor without gradient).
+        scalings: LoRA scaling s of each layer.
+        norm: ``"layer"`` (‖ĝ‖ per layer) or ``"global"`` (over all layers).
+        damping: Relative damping δ of the r×r solves.
+    """
+    raw, norms_sq = [], []
+    for (a, b), (ga, gb), s in zip(factors, grads, scalings, strict=True):
+        left, d, _, gram_left, gram_right, ka_inv, a_live = _factored(a, b, ga, gb, s, damping)
+        r = ka_inv.shape[0]
+        sq = (gram_left * (d @ gram_right @ d.t())).sum().clamp_min(0.0)  # ‖ĝ‖_F²
+        e = left @ (d @ gram_right[:, :r] @ ka_inv / s)  # (1/s)·ĝ·A⁺
+        raw.append(torch.where(a_live, e, 0.0))
+        norms_sq.append(torch.where(a_live, sq, 0.0))
+    if norm == "global":
+        total = torch.stack([q.to(norms_sq[0].device) for q in norms_sq]).sum().sqrt()
+        norms = [total.to(q.device) for q in norms_sq]
+    else:
+        norms = [q.sqrt() for q in norms_sq]
+    return [e * torch.where(n > 0, 1.0 / n, 0.0) for e, n in zip(raw, norms, strict=True)]
+
+
+# -- the methods ---------------------------------------------------------------------------------------
+
+
+class _FullSpace(Method):
+    def _setup(self) -> None:
+        self.factors: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+        for name, layer in self.layers:
+            a, b = _peft.lora_factors(layer, self.adapter)
+            if b.reshape(b.shape[0], -1).shape[1] != a.shape[0]:
+                raise ValueError(
+                    f"{self.config.method} needs ΔW = s·B·A, but {name} has A {tuple(a.shape)} and B "
+                    f"{tuple(b.shape)} (e.g. a grouped convolution); exclude it from target_modules"
+                )
+            self.factors.append((a, b))
+        self.scalings = [_peft.scaling(layer, self.adapter) for _, layer in self.layers]
+        self.bs = [b for _, b in self.factors]
+
+    def rho_t(self) -> float:
+        """ρ_t at the current optimizer step."""
+        c = self.config
+        return rho_at(c.rho, c.rho_schedule, self.step, c.total_steps)
+
+    def strength(self) -> dict[str, float]:
+        return {"rho": self.rho_t()}
+
+    def _directions(self, factors, grads) -> list[torch.Tensor]:
+        return perturbation_directions(factors, grads, self.scalings, self.config.norm, self.config.damping)
+
+    def _clean_directions(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """Unit E_B from the gradient of ``loss`` (``torch.autograd.grad``: ``.grad`` is untouched)."""
+        params = [p for pair in self.factors for p in pair if p.requires_grad]
+        found = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True), strict=True))
+        grads = [(found.get(id(a)), found.get(id(b))) for a, b in self.factors]
+        return self._directions(self.factors, grads)
+
+    def _backward(self, loss_fn, backward_fn, **kwargs):
+        rho = self.rho_t()
+        if rho > 0.0:
+            return self._perturbed_backward(loss_fn, backward_fn, rho)
+        loss = loss_fn()  # ρ_t = 0: exactly a plain backward
+        backward_fn(loss)
+        return loss.detach()
+
+    @torch.no_grad()
+    def _shift_b(self, directions: list[torch.Tensor], rho: float) -> None:
+        for b, e in zip(self.bs, directions, strict=True):
+            b.add_((e * rho).reshape(b.shape).to(b.dtype))
+
+
+@register
+class FMLoRA(_FullSpace):
+    """Two-pass SAM whose full-weight perturbation is carried by B (FMLoRA)."""
+
+    config_class = FMLoRAConfig
+    paper = "EFlat-LoRA / FMLoRA (Deng et al., 2025) arXiv:2508.00522, two-pass FMLoRA"
+    passes = 2
+
+    def _perturbed_backward(self, loss_fn, backward_fn, rho):
+        rng = RngReplay()
+        loss = loss_fn()
+        directions = self._clean_directions(loss)
+        saved = snapshot(self.bs)
+        self._shift_b(directions, rho)
+        try:
+            rng.replay()
+            backward_fn(loss_fn())
+        finally:
+            restore_(self.bs, saved)
+        return loss.detach()
+
+
+@register
+class EFMLoRA(_FullSpace):
+    """One-pass FMLoRA at an exponential moving average Ê_B of the perturbation (EFMLoRA)."""
+
+    config_class = EFMLoRAConfig
+    paper = "EFlat-LoRA / EFMLoRA (Deng et al., 2025) arXiv:2508.00522, one-pass EMA variant"
+    passes = 1
+
+    def _setup(self) -> None:
+        super()._setup()
+        self.ema: list[torch.Tensor] | None = None  # Ê_B / ρ per layer, fp32 (m, r)
+        self._point: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._point_step = -1
+
+    def _perturbed_backward(self, loss_fn, backward_fn, rho):
+        first = None
+        if self.ema is None:  # first step: Ê_B = E_B from a clean gradient of this micro-batch
+            rng = RngReplay()
+            first = loss_fn()
+            self.ema = [e.clone() for e in self._clean_directions(first)]
+            rng.replay()
+        saved = snapshot(self.bs)
+        self._shift_b(self.ema, rho)
+        try:
+            if self._point_step != self.step:  # the point the step's gradient is taken at
+                self._point = (snapshot(a for a, _ in self.factors), snapshot(self.bs))
+                self._point_step = self.step
+            loss = loss_fn()
+            backward_fn(loss)
+        finally:
+            restore_(self.bs, saved)
+        return (first if first is not None else loss).detach()
+
+    def _after_step(self) -> None:
+        point, self._point = self._point, None
+        if point is None or self._point_step != self.step or self.ema is None:
+            return
+        grads = [(a.grad, b.grad) for a, b in self.factors]
+        if all(ga is None and gb is None for ga, gb in grads):
+            return
+        fresh = self._directions(list(zip(*point, strict=True)), grads)
+        beta = self.config.beta
+        for u, e in zip(self.ema, fresh, strict=True):
+            u.mul_(1.0 - beta).add_(e.to(u.device, u.dtype), alpha=beta)
+
+    def _teardown(self) -> None:
+        self._point = None
+
+    def _extra_state(self) -> dict:
+        return {"ema": None if self.ema is None else [u.detach().cpu().clone() for u in self.ema]}
+
+    def _load_extra_state(self, state: dict) -> None:
+        ema = state.get("ema")
+        if ema is None:
+            self.ema = None
+            return
+        shapes = [(b.shape[0], a.shape[0]) for a, b in self.factors]
+        if [tuple(u.shape) for u in ema] != shapes:
+            raise ValueError(
+                "eflat_lora state does not match this model's LoRA layers (EMA buffer shapes differ); "
+                "attach to the model and LoraConfig the checkpoint was trained with"
+            )
+        self.ema = [
+            u.to(b.device, torch.promote_types(b.dtype, torch.float32)).clone()
+            for u, b in zip(ema, self.bs, strict=True)
+        ]
