@@ -16,6 +16,7 @@ from ._peft import Geometry
 __all__ = [
     "RngReplay",
     "filter_noise",
+    "first_pass_gradients",
     "global_norm",
     "gram_fro_sq",
     "mix_seed",
@@ -149,6 +150,43 @@ def gram_fro_sq(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """‖B·A‖_F² without forming B·A: sum((BᵀB) ⊙ (AAᵀ)) — O((m + n)·r²) instead of O(m·n·r)."""
     b32, a32 = b.float(), a.float()
     return ((b32.t() @ b32) * (a32 @ a32.t())).sum()
+
+
+def first_pass_gradients(
+    loss: torch.Tensor,
+    wanted: Sequence[torch.Tensor],
+    trainable: Sequence[torch.Tensor],
+    backward_fn,
+) -> list[torch.Tensor | None]:
+    """Gradients of ``loss`` w.r.t. ``wanted``, leaving every ``.grad`` of ``trainable`` as it was.
+
+    The first pass of a two-pass method must not touch gradients that earlier micro-batches
+    accumulated. Rather than ``torch.autograd.grad`` (which bypasses the gradient hooks that
+    DistributedDataParallel relies on), the loss is backpropagated with the caller's own
+    ``backward_fn`` (so DDP all-reduces it and AMP loss scaling applies) into zeroed ``.grad``
+    buffers, read, and the accumulated gradients are copied back in place bit-for-bit.
+
+    Args:
+        loss: First-pass loss.
+        wanted: Leaf tensors whose gradient is returned (``None`` where none flowed).
+        trainable: Every parameter that may receive a gradient (the method's ``parameters()``).
+        backward_fn: How to backpropagate (``loss.backward()`` or ``accelerator.backward``).
+    """
+    held = {id(t): t for t in (*trainable, *wanted)}.values()
+    stash = []
+    for t in held:
+        stash.append(None if t.grad is None else t.grad.detach().clone())
+        if t.grad is not None:
+            t.grad.zero_()
+    backward_fn(loss)
+    grads = [None if t.grad is None else t.grad.detach().clone() for t in wanted]
+    with torch.no_grad():
+        for t, saved in zip(held, stash, strict=True):
+            if saved is None:
+                t.grad = None
+            else:
+                t.grad.copy_(saved)
+    return grads
 
 
 class RngReplay:

@@ -6,8 +6,9 @@ The baseline of all four flat-LoRA papers. Per ``backward`` call (two passes):
     ε  = ρ · g / ‖g‖₂                  (global norm over all LoRA parameters)
     .grad += ∇ L(θ + ε)                then θ is restored exactly from a saved copy
 
-Pitfalls handled here: the first gradient is taken with ``torch.autograd.grad`` so gradients that
-earlier micro-batches accumulated in ``.grad`` are untouched; the second pass replays the global RNG
+Pitfalls handled here: the first gradient is read with ``perturb.first_pass_gradients`` so gradients
+that earlier micro-batches accumulated in ``.grad`` are untouched (and under DDP the first pass is
+all-reduced, so every rank perturbs identically); the second pass replays the global RNG
 state so it sees the same dropout masks (with ρ = 0 the result is exactly one plain backward);
 parameters are restored by copy, never by subtraction. Batch-norm statistics would be updated twice
 (transformers use layer norm). With gradient accumulation each micro-batch is perturbed along its own
@@ -23,7 +24,7 @@ import torch
 from .. import _peft
 from ..config import MethodConfig, option
 from ..method import Method
-from ..perturb import RngReplay, global_norm, restore_, snapshot
+from ..perturb import RngReplay, first_pass_gradients, global_norm, restore_, snapshot
 from ..registry import register
 
 __all__ = ["LoRASAM", "LoRASAMConfig"]
@@ -56,7 +57,7 @@ class LoRASAM(Method):
     def _backward(self, loss_fn, backward_fn, **kwargs):
         rng = RngReplay()
         loss = loss_fn()
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        grads = first_pass_gradients(loss, self.params, self.parameters(), backward_fn)
         scale = self.config.rho / (float(global_norm(grads)) + 1e-12)
         saved = snapshot(self.params)
         with torch.no_grad():

@@ -22,7 +22,7 @@ import torch
 from .. import _peft
 from ..config import MethodConfig, option
 from ..method import Method
-from ..perturb import RngReplay, global_norm
+from ..perturb import RngReplay, first_pass_gradients, global_norm
 from ..registry import register
 
 __all__ = ["FullSAM", "FullSAMConfig"]
@@ -75,7 +75,8 @@ class FullSAM(Method):
         rng = RngReplay()
         with _peft.patched_base_forward(self._perturbed(probes)):
             loss = loss_fn()
-            grads = torch.autograd.grad(loss, list(probes.values()), allow_unused=True)
+            grads = first_pass_gradients(loss, list(probes.values()), self.parameters(), backward_fn)
+        grads = _all_reduce_mean(grads)
         scale = self.config.rho / (float(global_norm(grads)) + 1e-12)
         eps = {
             layer: (g * scale if g is not None else torch.zeros_like(p))
@@ -85,3 +86,15 @@ class FullSAM(Method):
         with _peft.patched_base_forward(self._perturbed(eps)):
             backward_fn(loss_fn())
         return loss.detach()
+
+
+def _all_reduce_mean(grads: list) -> list:
+    """Average the probe gradients over DDP ranks (DDP itself only reduces parameters)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return grads
+    for g in grads:
+        if g is not None:
+            dist.all_reduce(g)
+            g.div_(dist.get_world_size())
+    return grads
