@@ -369,7 +369,8 @@ def test_landscape_grid_json_and_png(space, tmp_path):
     assert len({round(v, 6) for v in one.losses}) > 1
     again = S.Landscape.from_dict(json.loads(two.to_json(tmp_path / "land.json")))
     assert again == two
-    for land, name in ((one, "one.png"), (two, "sub/two.png")):
+    other = S.loss_landscape(model, None, batches, radius=0.2, points=5, space="lora", seed=1, progress=False)
+    for land, name in ((one, "one.png"), (two, "sub/two.png"), ([one, other], "both.png")):
         path = S.plot_landscape(land, tmp_path / name)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(path)
@@ -407,6 +408,8 @@ def test_bad_input_is_rejected_with_the_fix():
         S.expected_sharpness(model, lambda m, b: m(b["x"]), batches, progress=False)
     with pytest.raises(TypeError, match="PeftModel"):
         S.hessian_trace(Linear(), mse, batches, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        S.plot_landscape([], "x.png")
     with pytest.raises(TypeError, match="Landscape"):
         S.plot_landscape(S.expected_sharpness(model, mse, batches, n_samples=1, progress=False), "x.png")
     bad = [{"x": batches[0]["x"], "y": batches[0]["y"] * float("nan")}]
