@@ -61,6 +61,9 @@ class Method:
                 "model; call .detach() on it first"
             )
         self.model = inner
+        # The DistributedDataParallel wrapper when attached through it (or set by an integration):
+        # two-pass methods use its no_sync() when their first pass is not synchronised.
+        self.wrapper: nn.Module | None = model if model is not inner else None
         self.config = config
         self.adapter = _peft.active_adapter(inner)
         self.layers = _peft.lora_layers(inner, self.adapter)
@@ -171,6 +174,16 @@ class Method:
         self.step = int(state["step"])
         self._load_extra_state(state.get("extra", {}))
 
+    def set_wrapper(self, wrapper: nn.Module) -> Method:
+        """Tell the method the ``DistributedDataParallel`` wrapper of its model.
+
+        Attach before wrapping (a method may add parameters), then call this so a two-pass method
+        whose first pass is not synchronised (``sync_first_pass=False``) can use ``no_sync()``.
+        ``FlatTrainer`` does it itself.
+        """
+        self.wrapper = wrapper if wrapper is not self.model else None
+        return self
+
     def strength(self) -> dict[str, float]:
         """The current perturbation strength(s) for logging, e.g. ``{"sigma": 0.03}``."""
         return {}
@@ -191,6 +204,16 @@ class Method:
         yield
 
     # -- hooks for subclasses -----------------------------------------------------------------------
+
+    def _first_pass_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for a two-pass method's first pass: DDP's ``no_sync()`` unless ``sync``.
+
+        Synchronised (the default), every rank perturbs along the all-reduced gradient, identically;
+        unsynchronised, each rank perturbs along its own shard's gradient (the second pass is always
+        synchronised, so the adapters stay identical across ranks either way).
+        """
+        no_sync = getattr(self.wrapper, "no_sync", None)
+        return contextlib.nullcontext() if sync or no_sync is None else no_sync()
 
     def _setup(self) -> None:
         """Validate the model for this method and build any state; raise ``ValueError`` with the fix."""

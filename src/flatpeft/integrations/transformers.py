@@ -121,6 +121,7 @@ class FlatTrainerMixin:
 
     def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
         method = self._ensure_method()
+        method.set_wrapper(model)  # the DDP wrapper the Trainer made, for no_sync
         accelerator = self.accelerator
         real_backward = accelerator.backward
         captured: dict[str, Any] = {}

@@ -38,6 +38,9 @@ class LoRASAMConfig(MethodConfig):
     rho: float = option(
         0.05, "Radius ρ of the perturbation of the LoRA parameters (global L2 norm).", min=0.0, strength=True
     )
+    sync_first_pass: bool = option(
+        True, "Under DDP, all-reduce the first-pass gradient so every rank perturbs identically."
+    )
 
 
 @register
@@ -56,8 +59,9 @@ class LoRASAM(Method):
 
     def _backward(self, loss_fn, backward_fn, **kwargs):
         rng = RngReplay()
-        loss = loss_fn()
-        grads = first_pass_gradients(loss, self.params, self.parameters(), backward_fn)
+        with self._first_pass_context(self.config.sync_first_pass):
+            loss = loss_fn()
+            grads = first_pass_gradients(loss, self.params, self.parameters(), backward_fn)
         scale = self.config.rho / (float(global_norm(grads)) + 1e-12)
         saved = snapshot(self.params)
         with torch.no_grad():

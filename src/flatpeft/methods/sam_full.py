@@ -36,6 +36,9 @@ class FullSAMConfig(MethodConfig):
     rho: float = option(
         0.05, "Radius ρ of the full-weight perturbation (global L2 norm over layers).", min=0.0, strength=True
     )
+    sync_first_pass: bool = option(
+        True, "Under DDP, all-reduce the first-pass gradient so every rank perturbs identically."
+    )
 
 
 @register
@@ -73,10 +76,12 @@ class FullSAM(Method):
             for layer, g in self.geos.items()
         }
         rng = RngReplay()
-        with _peft.patched_base_forward(self._perturbed(probes)):
+        sync = self.config.sync_first_pass
+        with _peft.patched_base_forward(self._perturbed(probes)), self._first_pass_context(sync):
             loss = loss_fn()
             grads = first_pass_gradients(loss, list(probes.values()), self.parameters(), backward_fn)
-        grads = _all_reduce_mean(grads)
+        if sync:
+            grads = _all_reduce_mean(grads)
         scale = self.config.rho / (float(global_norm(grads)) + 1e-12)
         eps = {
             layer: (g * scale if g is not None else torch.zeros_like(p))
