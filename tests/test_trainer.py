@@ -168,3 +168,42 @@ def test_lora_through_flat_trainer_equals_plain_trainer(tmp_path):
         model=flat_model, args=_args(tmp_path / "b"), train_dataset=_dataset(), method="lora"
     ).train()
     assert_bit_identical(trainable_state(plain_model), trainable_state(flat_model))
+
+
+def test_mixin_with_trl_sft_trainer(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(60)]
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[j] for j in torch.randint(0, 60, (10,), generator=g)) for _ in range(32)]
+
+    class FlatSFTTrainer(flatpeft.FlatTrainerMixin, trl.SFTTrainer):
+        pass
+
+    model = tiny_gpt2()
+    frozen = frozen_state(model)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, max_length=16, logging_steps=1,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = FlatSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        method="flat_lora",
+    )
+    trainer.train()
+    assert trainer.flat_method.step == 3 and trainer.flat_method.config.total_steps == 3
+    sigmas = [h["sigma"] for h in trainer.state.log_history if "sigma" in h]
+    assert sigmas == pytest.approx([0.0, 0.05 * 0.25, 0.05 * 0.75])  # cosine ramp at t = 0, 1, 2 of T = 3
+    assert_bit_identical(frozen, frozen_state(model))
