@@ -121,38 +121,46 @@ def rho_at(rho: float, schedule: str, step: int, total_steps: int | None) -> flo
 
 
 def _damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    r = gram.shape[0]
+    """(G + λI)⁻¹ of a batch of r×r Gram matrices, λ = δ·tr(G)/r (+ the smallest normal number)."""
+    r = gram.shape[-1]
     eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    lam = gram.diagonal().sum() * (damping / r) + torch.finfo(gram.dtype).tiny
-    return torch.linalg.solve(gram + lam * eye, eye)
+    lam = gram.diagonal(dim1=-2, dim2=-1).sum(-1) * (damping / r) + torch.finfo(gram.dtype).tiny
+    return torch.linalg.solve_ex(gram + lam[:, None, None] * eye, eye.expand_as(gram))[0]
 
 
-def _factored(a, b, grad_a, grad_b, scaling: float, damping: float):
-    """ĝ = left · d · right of one layer, with the Gram matrices of both sides (see module docstring)."""
-    dt = torch.promote_types(a.dtype, torch.float32)
-    a = a.detach().reshape(a.shape[0], -1).to(dt)
-    b = b.detach().reshape(b.shape[0], -1).to(dt)
-    r = a.shape[0]
-    ga = torch.zeros_like(a) if grad_a is None else grad_a.detach().reshape(a.shape).to(dt)
-    gb = torch.zeros_like(b) if grad_b is None else grad_b.detach().reshape(b.shape).to(dt)
-    left = torch.cat([gb, b], dim=1)  # [∇B, B]   (m, 2r)
-    right = torch.cat([a, ga], dim=0)  # [A; ∇A]  (2r, n)
-    gram_left, gram_right = left.t() @ left, right @ right.t()
-    ka_inv = _damped_inverse(gram_right[:r, :r], damping)
-    kb_inv = _damped_inverse(gram_left[r:, r:], damping)
-    b_live = gram_left[r:, r:].diagonal().sum() > b.numel() * B_ZERO_RMS**2
+def _factored(a, b, grad_a, grad_b, scaling: torch.Tensor, damping: float):
+    """ĝ = left · d · right for a batch of layers (leading dim) with equal shapes (see module docstring)."""
+    r = a.shape[-2]
+    ga = torch.zeros_like(a) if grad_a is None else grad_a
+    gb = torch.zeros_like(b) if grad_b is None else grad_b
+    left = torch.cat([gb, b], dim=-1)  # [∇B, B]   (g, m, 2r)
+    right = torch.cat([a, ga], dim=-2)  # [A; ∇A]  (g, 2r, n)
+    gram_left, gram_right = left.mT @ left, right @ right.mT
+    ka_inv = _damped_inverse(gram_right[:, :r, :r], damping)
+    kb_inv = _damped_inverse(gram_left[:, r:, r:], damping)
+    b_live = gram_left[:, r:, r:].diagonal(dim1=-2, dim2=-1).sum(-1) > b[0].numel() * B_ZERO_RMS**2
     w1 = float(grad_b is not None)
-    w2 = b_live.to(dt) * float(grad_a is not None)
-    total = (w2 + w1).clamp_min(1.0)
-    d = torch.block_diag(ka_inv * (w1 / total), kb_inv * (w2 / total)) / scaling
-    a_live = gram_right[:r, :r].diagonal().sum() > a.numel() * B_ZERO_RMS**2
+    w2 = b_live.to(a.dtype) * float(grad_a is not None)
+    total = (w2 + w1).clamp_min(1.0) * scaling
+    d = torch.zeros_like(gram_left)
+    d[:, :r, :r] = ka_inv * (w1 / total)[:, None, None]
+    d[:, r:, r:] = kb_inv * (w2 / total)[:, None, None]
+    a_live = gram_right[:, :r, :r].diagonal(dim1=-2, dim2=-1).sum(-1) > a[0].numel() * B_ZERO_RMS**2
     return left, d, right, gram_left, gram_right, ka_inv, a_live
+
+
+def _stack(tensors: list[torch.Tensor | None], rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+    if any(t is None for t in tensors):
+        return None
+    return torch.stack([t.detach().reshape(rows, -1) for t in tensors]).to(dtype)
 
 
 def full_gradient_estimate(a, b, grad_a, grad_b, scaling: float, damping: float = 1e-4) -> torch.Tensor:
     """The dense ``(m, n)`` estimate ĝ of one layer (for tests and diagnostics; O(m·n·r))."""
-    left, d, right, *_ = _factored(a, b, grad_a, grad_b, scaling, damping)
-    return left @ (d @ right)
+    dt, r, m = torch.promote_types(a.dtype, torch.float32), a.shape[0], b.shape[0]
+    args = [_stack([t], rows, dt) for t, rows in ((a, r), (b, m), (grad_a, r), (grad_b, m))]
+    left, d, right, *_ = _factored(*args, torch.tensor([scaling], dtype=dt, device=a.device), damping)
+    return (left @ (d @ right))[0]
 
 
 def perturbation_directions(
@@ -164,6 +172,8 @@ def perturbation_directions(
 ) -> list[torch.Tensor]:
     """E_B for ρ = 1 of every layer, as ``(m, r)`` tensors in fp32 (or the factors' wider dtype).
 
+    Layers with equal shapes are processed as one batch (a few dozen small ops per shape, not per layer).
+
     Args:
         factors: ``(A, B)`` of each layer, any layout whose 2-D views are ``(r, n)`` and ``(m, r)``.
         grads: ``(∇A, ∇B)`` at that point (``None`` for a factor without gradient).
@@ -171,20 +181,31 @@ def perturbation_directions(
         norm: ``"layer"`` (‖ĝ‖ per layer) or ``"global"`` (over all layers).
         damping: Relative damping δ of the r×r solves.
     """
-    raw, norms_sq = [], []
-    for (a, b), (ga, gb), s in zip(factors, grads, scalings, strict=True):
-        left, d, _, gram_left, gram_right, ka_inv, a_live = _factored(a, b, ga, gb, s, damping)
-        r = ka_inv.shape[0]
-        sq = (gram_left * (d @ gram_right @ d.t())).sum().clamp_min(0.0)  # ‖ĝ‖_F²
-        e = left @ (d @ gram_right[:, :r] @ ka_inv / s)  # (1/s)·ĝ·A⁺
-        raw.append(torch.where(a_live, e, 0.0))
-        norms_sq.append(torch.where(a_live, sq, 0.0))
+    groups: dict[tuple, list[int]] = {}
+    for i, ((a, b), (ga, gb)) in enumerate(zip(factors, grads, strict=True)):
+        key = (a.shape, b.shape, a.dtype, a.device, ga is None, gb is None)
+        groups.setdefault(key, []).append(i)
+    batches = []
+    for idx in groups.values():
+        a0, b0 = factors[idx[0]]
+        dt = torch.promote_types(a0.dtype, torch.float32)
+        r, m = a0.shape[0], b0.shape[0]
+        a, b = (_stack([factors[i][k] for i in idx], rows, dt) for k, rows in ((0, r), (1, m)))
+        ga, gb = (_stack([grads[i][k] for i in idx], rows, dt) for k, rows in ((0, r), (1, m)))
+        s = torch.tensor([scalings[i] for i in idx], dtype=dt, device=a.device)[:, None, None]
+        left, d, _, gram_left, gram_right, ka_inv, a_live = _factored(a, b, ga, gb, s[:, 0, 0], damping)
+        sq = (gram_left * (d @ gram_right @ d.mT)).sum((-2, -1)).clamp_min(0.0)  # ‖ĝ‖_F²
+        e = left @ (d @ gram_right[:, :, :r] @ ka_inv / s)  # (1/s)·ĝ·A⁺
+        batches.append((idx, torch.where(a_live[:, None, None], e, 0.0), torch.where(a_live, sq, 0.0)))
     if norm == "global":
-        total = torch.stack([q.to(norms_sq[0].device) for q in norms_sq]).sum().sqrt()
-        norms = [total.to(q.device) for q in norms_sq]
-    else:
-        norms = [q.sqrt() for q in norms_sq]
-    return [e * torch.where(n > 0, 1.0 / n, 0.0) for e, n in zip(raw, norms, strict=True)]
+        total = torch.cat([sq.to(batches[0][2].device) for _, _, sq in batches]).sum().sqrt()
+    out: list[torch.Tensor] = [None] * len(factors)  # type: ignore[list-item]
+    for idx, e, sq in batches:
+        n = total.to(sq.device) if norm == "global" else sq.sqrt()
+        e = e * torch.where(n > 0, 1.0 / n, 0.0)[..., None, None]
+        for i, row in zip(idx, e.unbind(0), strict=True):
+            out[i] = row
+    return out
 
 
 # -- the methods ---------------------------------------------------------------------------------------
@@ -233,7 +254,7 @@ class _FullSpace(Method):
     @torch.no_grad()
     def _shift_b(self, directions: list[torch.Tensor], rho: float) -> None:
         for b, e in zip(self.bs, directions, strict=True):
-            b.add_((e * rho).reshape(b.shape).to(b.dtype))
+            b.add_(e.reshape(b.shape), alpha=rho)
 
 
 @register
@@ -301,26 +322,21 @@ class EFMLoRA(_FullSpace):
         fresh = self._directions(list(zip(*point, strict=True)), grads)
         beta = self.config.beta
         for u, e in zip(self.ema, fresh, strict=True):
-            u.mul_(1.0 - beta).add_(e.to(u.device, u.dtype), alpha=beta)
-
-    def _teardown(self) -> None:
-        self._point = None
+            u.lerp_(e, beta)  # (1 − β)·Ê_B + β·E_B
 
     def _extra_state(self) -> dict:
         return {"ema": None if self.ema is None else [u.detach().cpu().clone() for u in self.ema]}
 
     def _load_extra_state(self, state: dict) -> None:
         ema = state.get("ema")
-        if ema is None:
-            self.ema = None
-            return
         shapes = [(b.shape[0], a.shape[0]) for a, b in self.factors]
-        if [tuple(u.shape) for u in ema] != shapes:
+        if ema is not None and [tuple(u.shape) for u in ema] != shapes:
             raise ValueError(
                 "eflat_lora state does not match this model's LoRA layers (EMA buffer shapes differ); "
                 "attach to the model and LoraConfig the checkpoint was trained with"
             )
-        self.ema = [
-            u.to(b.device, torch.promote_types(b.dtype, torch.float32)).clone()
-            for u, b in zip(ema, self.bs, strict=True)
-        ]
+        if ema is None:
+            self.ema = None
+            return
+        dtypes = [torch.promote_types(b.dtype, torch.float32) for b in self.bs]
+        self.ema = [u.to(b.device, dt).clone() for u, b, dt in zip(ema, self.bs, dtypes, strict=True)]
