@@ -498,3 +498,60 @@ def test_bad_input_errors():
     )
     with pytest.raises(ValueError, match="exclude embeddings"):
         flatpeft.attach(emb, "bilevel_lora")
+
+
+# -- DistributedDataParallel ------------------------------------------------------------------------
+
+
+def _shard(batch, rank, world):
+    size = batch["input_ids"].shape[0] // world
+    return {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
+
+
+def _ddp_train(hypergradient, rank=0, world=1, wrap=lambda m: m):
+    model = tiny_bert()
+    net = wrap(model)
+    method = flatpeft.attach(
+        net, "bilevel_lora", lower_steps=1, upper_steps=1, hypergradient=hypergradient, unroll_lr=0.1
+    )
+    opt = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
+    method.bind(opt)
+    for step in range(4):
+        b1, b2 = _shard(make_batch(step), rank, world), _shard(make_batch(50 + step), rank, world)
+        method.backward(lambda b=b1: net(**b).loss, upper_loss_fn=lambda b=b2: net(**b).loss)
+        opt.step()
+        opt.zero_grad()
+    return {**trainable_state(model), **{f"lambda.{i}": lam.detach() for i, lam in enumerate(method.lambdas)}}
+
+
+def _ddp_worker(rank, world, port, out):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    result = {h: _ddp_train(h, rank, world, DistributedDataParallel) for h in ("first_order", "darts")}
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_and_first_order_equals_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for h in ("first_order", "darts"):
+        assert_bit_identical(r0[h], r1[h])
+        assert not torch.equal(r0[h]["lambda.0"], torch.zeros(4))  # upper steps ran under DDP
+    single = _ddp_train("first_order")  # two half-batches averaged = one process on the whole batch
+    for k in single:
+        torch.testing.assert_close(r0["first_order"][k], single[k], rtol=1e-4, atol=1e-5, msg=k)

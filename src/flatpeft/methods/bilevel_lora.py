@@ -302,10 +302,16 @@ class BilevelLoRA(Method):
             return loss.detach()
         if self.config.hypergradient == "darts":
             return self._darts(loss_fn, upper_loss_fn, backward_fn)
-        with self._lambda_only():
+        with self._unsynced(), self._lambda_only():
             loss = upper_loss_fn()
             backward_fn(loss)
         return loss.detach()
+
+    def _unsynced(self) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync()`` for upper-level passes: λ is not in DDP (the pre-hook averages it) and
+        they leave V without gradient, which DDP's reducer would wait for."""
+        no_sync = getattr(getattr(self, "wrapper", None), "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
 
     def _xi(self) -> float:
         if self.config.unroll_lr is not None:
@@ -324,7 +330,10 @@ class BilevelLoRA(Method):
         penalty = self._penalty_grads()
         rng = RngReplay()
         saved = snapshot(V)
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._unsynced())
+            stack.callback(restore_, V, saved)
+            stack.callback(setattr, self, "_live", False)
             grads = torch.autograd.grad(loss_fn(), V, allow_unused=True)
             with torch.no_grad():  # V′ = V − ξ ∇_V [L(D1) + γ1 R]
                 for p, g in zip(V, grads, strict=True):
@@ -347,9 +356,6 @@ class BilevelLoRA(Method):
                 rng.replay()
                 with self._lambda_only():
                     mixed.append(torch.autograd.grad(loss_fn(), lams, allow_unused=True))
-        finally:
-            self._live = False
-            restore_(V, saved)
         hyper = [
             _or_zeros(d, lam) - xi * (_or_zeros(gp, lam) - _or_zeros(gm, lam)) / (2 * eps)
             for lam, d, gp, gm in zip(lams, direct, *mixed, strict=True)
