@@ -25,14 +25,15 @@ Pitfalls and decisions:
   A or B) drops its term the same way.
 - ``eflat_lora`` stores Ê_B for ρ = 1 and applies ρ_t·Ê_B: the paper's recurrence for constant ρ, and a
   schedule acts on the radius at once. The first ``backward`` (no Ê_B yet) takes one extra clean
-  gradient of its micro-batch with ``torch.autograd.grad`` (``.grad`` untouched, dropout replayed) and
-  sets Ê_B = E_B from it: one extra pass per run. Its returned loss is the perturbed one (clean on that
-  first call).
+  gradient of its micro-batch (``perturb.first_pass_gradients``: ``.grad`` untouched, dropout replayed)
+  and sets Ê_B = E_B from it: one extra pass per run. Its returned loss is the perturbed one (clean on
+  that first call).
 - Gradient accumulation: ``eflat_lora`` perturbs every micro-batch of a step by the same Ê_B and updates
   the EMA once per optimizer step, in the step post-hook, from the accumulated ``.grad`` and the factors
   it was taken at (copies of A and B + Ê_B kept until then). Clipping and AMP unscaling only rescale
-  ``.grad``; the normalisation removes that. ``fm_lora`` perturbs each micro-batch along its own
-  gradient, like ``lora_sam``; under DDP its first pass is local to the rank.
+  ``.grad``; the normalisation removes that (AMP loss scaling too). ``fm_lora`` perturbs each micro-batch
+  along its own gradient, like ``lora_sam``; under DDP the clean pass is all-reduced unless
+  ``sync_first_pass=False``, and the EMA is updated from the all-reduced ``.grad`` on every rank.
 - β: the paper's β value was not recoverable (its hyper-parameter table was not available). 0.9 is our
   specification's default; as β weights the newest E_B, Ê_B stays within about one step of the current
   direction (closest to two-pass FMLoRA) while smoothing batch noise.
@@ -50,7 +51,7 @@ import torch
 from .. import _peft
 from ..config import MethodConfig, option
 from ..method import Method
-from ..perturb import RngReplay, restore_, snapshot
+from ..perturb import RngReplay, first_pass_gradients, restore_, snapshot
 from ..registry import register
 
 __all__ = [
@@ -81,6 +82,9 @@ class _FullSpaceConfig(MethodConfig):
     )
     damping: float = option(
         1e-4, "Relative damping δ of the r×r solves: λ = δ·tr(Gram)/r.", min=0.0, min_exclusive=True
+    )
+    sync_first_pass: bool = option(
+        True, "Under DDP, all-reduce the clean (first-pass) gradient so every rank perturbs identically."
     )
 
     def validate(self) -> None:
@@ -236,12 +240,14 @@ class _FullSpace(Method):
     def _directions(self, factors, grads) -> list[torch.Tensor]:
         return perturbation_directions(factors, grads, self.scalings, self.config.norm, self.config.damping)
 
-    def _clean_directions(self, loss: torch.Tensor) -> list[torch.Tensor]:
-        """Unit E_B from the gradient of ``loss`` (``torch.autograd.grad``: ``.grad`` is untouched)."""
-        params = [p for pair in self.factors for p in pair if p.requires_grad]
-        found = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True), strict=True))
-        grads = [(found.get(id(a)), found.get(id(b))) for a, b in self.factors]
-        return self._directions(self.factors, grads)
+    def _clean_directions(self, loss_fn, backward_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The clean loss and unit E_B from its gradient (accumulated ``.grad`` left untouched)."""
+        with self._first_pass_context(self.config.sync_first_pass):
+            loss = loss_fn()
+            wanted = [p for pair in self.factors for p in pair]
+            flat = first_pass_gradients(loss, wanted, self.parameters(), backward_fn)
+        grads = list(zip(flat[0::2], flat[1::2], strict=True))
+        return loss, self._directions(self.factors, grads)
 
     def _backward(self, loss_fn, backward_fn, **kwargs):
         rho = self.rho_t()
@@ -267,8 +273,7 @@ class FMLoRA(_FullSpace):
 
     def _perturbed_backward(self, loss_fn, backward_fn, rho):
         rng = RngReplay()
-        loss = loss_fn()
-        directions = self._clean_directions(loss)
+        loss, directions = self._clean_directions(loss_fn, backward_fn)
         saved = snapshot(self.bs)
         self._shift_b(directions, rho)
         try:
@@ -297,8 +302,8 @@ class EFMLoRA(_FullSpace):
         first = None
         if self.ema is None:  # first step: Ê_B = E_B from a clean gradient of this micro-batch
             rng = RngReplay()
-            first = loss_fn()
-            self.ema = [e.clone() for e in self._clean_directions(first)]
+            first, directions = self._clean_directions(loss_fn, backward_fn)
+            self.ema = [e.clone() for e in directions]
             rng.replay()
         saved = snapshot(self.bs)
         self._shift_b(self.ema, rho)
