@@ -24,16 +24,16 @@ implementation subtracts the perturbation, which leaves V shifted by rounding).
 
 Design. P, Q are lora_B, lora_A of the user's own PEFT LoRA adapter; λ (fp32, one vector per layer)
 lives in the method and enters through a persistent forward hook on lora_A that scales its output by
-g̃(λ) along the rank. The model the user evaluates therefore *is* P·diag(g̃(λ))·Q, in eval too.
-PEFT's AdaLoRA SVD layer was not used: it needs another tuner (AdaLoraConfig) instead of the user's
-LoRA model, applies its E without g, ties orthogonality and rank allocation to its own update calls,
-and would still need converting for export. ``exported()`` (used by FlatTrainer for every save) and
-``detach()`` fold g̃(λ) into B (B ← P·diag(g̃(λ)), scaling unchanged), so vanilla ``save_pretrained``,
-``from_pretrained`` and ``merge_and_unload`` reproduce the trained model; ``exported()`` restores P by
-copy on exit. Dividing by g(λ₀) makes g̃(λ₀) exactly 1: attaching changes nothing (bit-exact), so
-ΔW = 0 at step 0 with PEFT's default init (B = P = 0) for every g, and P, Q start with the dynamics
-of the user's LoRA (the paper's s becomes s/g(λ₀): ×r for softmax, ×2 sigmoid, ×1 identity). identity
-starts at λ₀ = 1: with P = 0 and λ = 0 no gradient would ever reach P, Q or λ.
+g̃(λ) along the rank, so the model the user evaluates *is* P·diag(g̃(λ))·Q, in eval too. AdaLoRA's SVD
+layer was not used: it needs another tuner (AdaLoraConfig) instead of the user's LoRA model, applies
+its E without g, ties orthogonality and rank allocation to its own update calls, and would still need
+converting for export. ``exported()`` (FlatTrainer saves inside it) and ``detach()`` fold g̃(λ) into
+B (B ← P·diag(g̃(λ)), scaling unchanged): vanilla PEFT loads and merges the result; ``exported()``
+restores P by copy on exit. g̃(λ₀) is exactly 1, so attaching changes nothing (bit-exact): ΔW = 0 at
+step 0 with PEFT's default init (B = P = 0) for every g, and P, Q start with the user's LoRA dynamics
+(the paper's s becomes s/g(λ₀): ×r softmax, ×2 sigmoid, ×1 identity). identity starts at λ₀ = 1:
+with P = 0 and λ = 0 no gradient would ever reach P, Q or λ. T1 : T2 = 4 : 1 consumes D1 and D2 at
+the rates of their 8 : 2 sizes; upper_lr = 1e-3 is ours (the paper's values were not recoverable).
 
 Plain loop (the optimizer stays the user's; ``param_groups`` gives λ the learning rate ``upper_lr``)::
 
@@ -47,15 +47,17 @@ Plain loop (the optimizer stays the user's; ``param_groups`` gives λ the learni
 
 Pitfalls. The level depends on the optimizer step counter only, so every micro-batch of a step trains
 the same level and gradient accumulation adds. A lower step never calls ``upper_loss_fn``; a
-first-order upper step never calls ``loss_fn`` (that D1 batch goes unused). The optimizer pre-step
-hook added by ``bind`` clears the gradients of the level not trained (weight decay and momentum leave
-it alone: ``torch.optim`` skips parameters without a gradient) and adds γ1·∇R once per optimizer step
-(after AMP unscaling, independent of accumulation), so R is not in ``.grad`` right after
-``backward``. ξ defaults to the bound optimizer's current learning rate of V (as in DARTS); darts
-differentiates the loss the closures return, so a Trainer that divides it by k accumulation steps
-shrinks the unrolled step by k. Never merge while attached (PEFT's delta weight does not see λ).
-Under DDP run ``upper_loss_fn`` in ``model.no_sync()``; the pre-hook averages λ's gradients over
-ranks. ``state_dict`` holds λ and the training-form P, so resuming from a folded checkpoint is exact.
+first-order upper step never calls ``loss_fn`` (that D1 batch goes unused). The pre-step hook ``bind``
+adds clears the idle level's gradients (so weight decay and momentum leave it alone: ``torch.optim``
+skips parameters without a gradient) and adds γ1·∇R once per optimizer step (after AMP unscaling,
+whatever the accumulation), so R is not in ``.grad`` right after ``backward``. ξ defaults to the bound
+optimizer's current lr of V, as in DARTS; darts differentiates the loss the closures return, so a
+Trainer dividing it by k accumulation steps shrinks the unrolled step by k; keep adapter weights in
+fp32 for darts (±εv vanishes in bf16). Never merge while attached (PEFT's delta weight does not see
+λ). DDP: upper-level passes run in the wrapper's ``no_sync()`` (attach through the wrapper or
+``set_wrapper``; FlatTrainer does it) and the pre-hook averages λ's gradients over ranks, so ranks
+agree; first_order equals one process on the whole batch, darts unrolls each rank on its own shard.
+``state_dict`` holds λ and the training-form P, so resuming from a folded checkpoint is exact.
 """
 
 from __future__ import annotations
