@@ -303,25 +303,38 @@ def test_model_comes_back_bit_identical(build, space):
         json.loads(r.to_json())
 
 
-def test_trained_model_full_and_lora_differ_and_an_attached_method_changes_nothing():
+def test_trained_model_gives_different_numbers_in_the_full_and_lora_spaces():
     model = tiny_bert(seed=2)
-    method = train(model, "flat_lora", steps=6, lr=2e-2, sigma=0.1)  # attached and bound
+    train(model, "lora", steps=6, lr=2e-2).detach()
     batches = [make_batch(2), make_batch(3)]
-
-    def measure():
-        out = {}
-        for space in ("full", "lora"):
-            out[space] = (
-                S.expected_sharpness(model, None, batches, n_samples=4, space=space, progress=False).value,
-                S.hessian_top_eigenvalue(model, None, batches, iters=5, space=space, progress=False).value,
-            )
-        return out
-
-    attached = measure()
-    for k in range(2):
-        full, lora = attached["full"][k], attached["lora"][k]
+    for measure in (S.expected_sharpness, S.hessian_top_eigenvalue):
+        kwargs = {"n_samples": 4} if measure is S.expected_sharpness else {"iters": 5}
+        full, lora = (
+            measure(model, None, batches, space=s, progress=False, **kwargs).value for s in ("full", "lora")
+        )
         assert math.isfinite(full) and math.isfinite(lora)
         assert abs(full - lora) > 0.05 * max(abs(full), abs(lora))
+
+
+def test_an_attached_method_is_measured_at_its_clean_point(method_name):
+    """Methods act only inside their backward: attached or detached, the numbers are the same."""
+    model = tiny_bert(seed=4)
+    # Five steps so that every method has moved all its state (bilevel_lora trains λ at step 5).
+    method = train(model, method_name, steps=5, lr=2e-2)
+    batches = [make_batch(4)]
+
+    def measure():
+        out = [
+            S.expected_sharpness(model, None, batches, n_samples=2, space=space, progress=False).to_dict()
+            for space in ("full", "lora")
+        ]
+        land = S.loss_landscape(model, None, batches, points=3, radius=0.1, space="lora", progress=False)
+        return [*out, land.to_dict()]
+
+    frozen, trainable = frozen_state(model), trainable_state(model)
+    attached = measure()
+    assert_bit_identical(frozen, frozen_state(model))
+    assert_bit_identical(trainable, trainable_state(model))
     method.detach()
     assert measure() == attached
 
@@ -415,3 +428,69 @@ def test_bad_input_is_rejected_with_the_fix():
     bad = [{"x": batches[0]["x"], "y": batches[0]["y"] * float("nan")}]
     with pytest.raises(ValueError, match=r"clean point is nan"):
         S.hessian_trace(model, mse, bad, progress=False)
+
+
+# -- flatpeft sharpness: measuring a saved adapter -----------------------------------------------
+
+
+def write_csv(path, n: int = 48, labels=("neg", "pos")) -> str:
+    words = {"neg": "bad awful sad", "pos": "good great happy", "mid": "fine okay plain"}
+    rows = ["text,label"] + [
+        f"{words[labels[i % len(labels)]]} {i},{labels[i % len(labels)]}" for i in range(n)
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A `flatpeft train` run folder: the tiny random BERT, a few steps on a two-class CSV."""
+    from flatpeft import train as train_lib
+
+    root = tmp_path_factory.mktemp("sharpness-run")
+    data = write_csv(root / "small.csv")
+    options = {"model": "tiny", "data": data, "max_steps": 3, "batch_size": 8, "out": str(root / "run")}
+    train_lib.train(options | {"progress": False, "lr": 1e-2})
+    return root / "run"
+
+
+def small_cli_options(adapter, out, **extra):
+    options = {"adapter": str(adapter), "out": str(out), "max_examples": 8, "batch_size": 4, "samples": 2}
+    options |= {"steps": 2, "iters": 2, "probes": 2, "points": 3, "points_2d": 3, "progress": False}
+    return options | extra
+
+
+def test_cli_writes_every_requested_metric_and_pictures(run_folder, tmp_path):
+    import matplotlib.image
+
+    out = tmp_path / "measured"
+    report = S.run_sharpness_cli(small_cli_options(run_folder, out, metrics=list(S.METRICS)))
+    data = json.loads((out / "sharpness.json").read_text())
+    assert set(data["results"]) == set(S.METRICS)
+    assert all(set(by_space) == {"full", "lora"} for by_space in data["results"].values())
+    assert data["model"] == "tiny" and data["split"] == "test" and data["n_examples"] == 4
+    exp = S.SharpnessResult.from_dict(data["results"]["expected"]["full"])
+    assert exp.config["n_samples"] == 2 and math.isfinite(exp.value)
+    land = S.Landscape.from_dict(data["results"]["landscape_2d"]["lora"])
+    assert len(land.losses) == 3 and land.losses[1][1] == land.base_loss == data["clean_loss"]
+    assert sorted(data["images"]) == ["landscape_1d.png", "landscape_2d_full.png", "landscape_2d_lora.png"]
+    for name in data["images"]:
+        assert matplotlib.image.imread(out / name).ndim == 3
+    assert (out / "sharpness.md").read_text().strip() == report["table"]
+    assert report["table"].count("\n") == 2 + len(S.METRICS)  # header, rule, clean loss, one row each
+
+
+def test_cli_bad_input_names_the_fix_and_writes_nothing(run_folder, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="neither a PEFT adapter folder"):
+        S.run_sharpness_cli(small_cli_options(tmp_path, out))
+    with pytest.raises(ValueError, match="unknown metric"):
+        S.run_sharpness_cli(small_cli_options(run_folder, out, metrics=["flatness"]))
+    with pytest.raises(ValueError, match="max_examples"):
+        S.run_sharpness_cli(small_cli_options(run_folder, out, max_examples=0))
+    three = write_csv(
+        tmp_path / "three.csv", labels=("neg", "mid", "pos")
+    )  # a 3-way head for a 2-way adapter
+    with pytest.raises(ValueError, match="does not fit model"):
+        S.run_sharpness_cli(small_cli_options(run_folder / "adapter", out, data=three))
+    assert not out.exists()

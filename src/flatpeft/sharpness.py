@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from . import _peft
+from .method import _ATTR as _METHOD_ATTR
 from .perturb import filter_noise, global_norm, mix_seed, restore_, snapshot
 
 __all__ = [
@@ -204,7 +205,6 @@ class _Space:
                 for layer, geo in zip(self.layers, self.geos, strict=True)
             ]
             self.shapes = [torch.Size((g.m, g.n)) for g in self.geos]
-            self.names = [name for name, _ in named]
             self.device = [n.device for n in self.row_norms]
         else:
             self.params = _peft.adapter_parameters(named, adapter)
@@ -217,8 +217,6 @@ class _Space:
             self.clean = snapshot(self.params)
             self.row_norms = [_rows_of(p.detach()).float().norm(dim=1) for p in self.params]
             self.shapes = [p.shape for p in self.params]
-            lookup = {id(p): n for n, p in inner.named_parameters()}
-            self.names = [lookup.get(id(p), "?") for p in self.params]
             self.device = [p.device for p in self.params]
 
     def cols(self, j: int) -> int:
@@ -399,11 +397,19 @@ def _model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _measurement(
+    model: nn.Module, loss_fn: LossFn | None, batches: Iterable[Any], space: str
+) -> Iterator[_Context]:
+    """The model at its clean point for one measurement: ``eval()`` mode (each module's mode restored
+    afterwards) and, when a flatpeft method is attached, inside its :meth:`~flatpeft.Method.exported`
+    block, so the adapter holds the stock LoRA weights it would be saved with."""
+    inner = _peft.check_peft_model(model)
+    method = getattr(inner, _METHOD_ATTR, None)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        yield
+        with method.exported() if method is not None else contextlib.nullcontext():
+            yield _Context(model, loss_fn, batches, space)
     finally:
         for m, training in modes:
             m.training = training
@@ -489,10 +495,9 @@ def expected_sharpness(
     """
     _positive("sigma", sigma, allow_zero=True)
     _count("n_samples", n_samples)
-    ctx = _Context(model, loss_fn, batches, space)
-    sp = ctx.space
     config = {"sigma": sigma, "n_samples": n_samples, "antithetic": antithetic, "seed": seed}
-    with _eval_mode(model):
+    with _measurement(model, loss_fn, batches, space) as ctx:
+        sp = ctx.space
         base = ctx.mean_loss()
         _check_finite(base, "expected_sharpness")
         stds = [n * (sigma / math.sqrt(sp.cols(j))) for j, n in enumerate(sp.row_norms)]
@@ -561,12 +566,12 @@ def worst_case_sharpness(
     if step_size is not None:
         _positive("step_size", step_size)
     alpha = step_size if step_size is not None else 2.5 * rho / steps
-    ctx = _Context(model, loss_fn, batches, space)
-    sp = ctx.space
     config = {"rho": rho, "steps": steps, "step_size": alpha, "seed": seed}
-    eps = [torch.zeros(shape, device=dev) for shape, dev in zip(sp.shapes, sp.device, strict=True)]
     losses: list[float] = []
-    with _eval_mode(model), _bar(steps, f"worst-case sharpness ({space})", progress) as bar:
+    bar = _bar(steps, f"worst-case sharpness ({space})", progress)
+    with _measurement(model, loss_fn, batches, space) as ctx, bar:
+        sp = ctx.space
+        eps = [torch.zeros(shape, device=dev) for shape, dev in zip(sp.shapes, sp.device, strict=True)]
         for k in range(steps + 1):
             if k == steps:  # the last point only needs its loss
                 with sp.at_point(eps):
@@ -641,12 +646,11 @@ def hessian_top_eigenvalue(
     """
     _count("iters", iters)
     _positive("tol", tol, allow_zero=True)
-    ctx = _Context(model, loss_fn, batches, space)
     config = {"iters": iters, "tol": tol, "seed": seed}
     estimates: list[float] = []
     converged = False
     base = float("nan")
-    with _eval_mode(model), ctx.space.hessian_tensors() as tensors:
+    with _measurement(model, loss_fn, batches, space) as ctx, ctx.space.hessian_tensors() as tensors:
         v = _random_vector(tensors, seed, _EIGEN, 0, rademacher=False)
         scale = 1.0 / math.sqrt(_dot(v, v))
         v = [t.mul_(scale) for t in v]
@@ -705,12 +709,11 @@ def hessian_trace(
         ValueError: invalid ``n_probes`` or ``space``, empty ``batches``, non-finite loss.
     """
     _count("n_probes", n_probes)
-    ctx = _Context(model, loss_fn, batches, space)
     config = {"n_probes": n_probes, "seed": seed}
     samples: list[float] = []
     base = float("nan")
     bar = _bar(n_probes, f"Hessian trace ({space})", progress)
-    with _eval_mode(model), ctx.space.hessian_tensors() as tensors, bar:
+    with _measurement(model, loss_fn, batches, space) as ctx, ctx.space.hessian_tensors() as tensors, bar:
         for k in range(n_probes):
             z = _random_vector(tensors, seed, _TRACE, k, rademacher=True)
             loss, hz = ctx.hvp(tensors, z)
@@ -785,32 +788,31 @@ def loss_landscape(
         raise ValueError(f"dims must be 1 (a line) or 2 (a surface), got {dims!r}")
     _positive("radius", radius)
     _count("points", points, minimum=2)
-    ctx = _Context(model, loss_fn, batches, space)
-    sp = ctx.space
     config = {"dims": dims, "radius": radius, "points": points, "seed": seed}
     coords = [-radius + 2.0 * radius * i / (points - 1) for i in range(points)]
-    # Row scale of direction k: ‖θ_i‖ / ‖g_i‖ for the unit Gaussian g regenerated from its seed.
-    seeds = [[mix_seed(seed, _LANDSCAPE, k, j) for j in range(len(sp.shapes))] for k in range(dims)]
-    scales = [
-        [
-            n / _rows_of(sp.noise(j, torch.ones_like(n), seeds[k][j])).norm(dim=1)
-            for j, n in enumerate(sp.row_norms)
-        ]
-        for k in range(dims)
-    ]
-
-    def direction(j: int, ab: tuple[float, ...]) -> Callable[[], torch.Tensor]:
-        def make() -> torch.Tensor:
-            out = sp.noise(j, scales[0][j] * ab[0], seeds[0][j])
-            for k in range(1, dims):
-                out.add_(sp.noise(j, scales[k][j] * ab[k], seeds[k][j]))
-            return out
-
-        return make
-
     grid = [(a,) for a in coords] if dims == 1 else [(a, b) for a in coords for b in coords]
     values: list[float] = []
-    with _eval_mode(model):
+    with _measurement(model, loss_fn, batches, space) as ctx:
+        sp = ctx.space
+        # Row scale of direction k: ‖θ_i‖ / ‖g_i‖ for the unit Gaussian g regenerated from its seed.
+        seeds = [[mix_seed(seed, _LANDSCAPE, k, j) for j in range(len(sp.shapes))] for k in range(dims)]
+        scales = [
+            [
+                n / _rows_of(sp.noise(j, torch.ones_like(n), seeds[k][j])).norm(dim=1)
+                for j, n in enumerate(sp.row_norms)
+            ]
+            for k in range(dims)
+        ]
+
+        def direction(j: int, ab: tuple[float, ...]) -> Callable[[], torch.Tensor]:
+            def make() -> torch.Tensor:
+                out = sp.noise(j, scales[0][j] * ab[0], seeds[0][j])
+                for k in range(1, dims):
+                    out.add_(sp.noise(j, scales[k][j] * ab[k], seeds[k][j]))
+                return out
+
+            return make
+
         base = ctx.mean_loss()
         _check_finite(base, "loss_landscape")
         with _bar(len(grid), f"loss landscape ({space}, {dims}-D)", progress) as bar:
