@@ -22,7 +22,7 @@ Pitfalls and decisions:
 - B = 0 (PEFT's initialisation) makes ∇A = 0, so the first term alone is used (c₁ = 1, c₂ = 0). "Near
   zero" is RMS(B) ≤ 1e-12 (``B_ZERO_RMS``): far below any trained B, high enough that BᵀB and its damped
   inverse stay in fp32 range; any B above it spans a valid projector. A factor without gradient (frozen
-  A or B) drops its term the same way.
+  A or B) drops its term the same way; an A that small gives E_B = 0 (B cannot move ΔW then).
 - ``eflat_lora`` stores Ê_B for ρ = 1 and applies ρ_t·Ê_B: the paper's recurrence for constant ρ, and a
   schedule acts on the radius at once. The first ``backward`` (no Ê_B yet) takes one extra clean
   gradient of its micro-batch (``perturb.first_pass_gradients``: ``.grad`` untouched, dropout replayed)
