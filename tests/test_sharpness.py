@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -464,7 +465,15 @@ def test_cli_writes_every_requested_metric_and_pictures(run_folder, tmp_path):
     import matplotlib.image
 
     out = tmp_path / "measured"
-    report = S.run_sharpness_cli(small_cli_options(run_folder, out, metrics=list(S.METRICS)))
+    parser = argparse.ArgumentParser()
+    S.add_cli_arguments(parser)
+    flags = [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in small_cli_options(run_folder, out).items()
+        if k != "progress"
+    ]
+    args = parser.parse_args([*flags, "--no-progress", "--metrics", *S.METRICS])
+    report = S.run_sharpness_cli(args)
     data = json.loads((out / "sharpness.json").read_text())
     assert set(data["results"]) == set(S.METRICS)
     assert all(set(by_space) == {"full", "lora"} for by_space in data["results"].values())

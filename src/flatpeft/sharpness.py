@@ -274,7 +274,7 @@ class _Space:
             finally:
                 restore_(self.params, self.clean)
             return
-        leaves = [e.detach().clone().requires_grad_(True) for e in eps]
+        leaves = [e.detach().requires_grad_(True) for e in eps]  # views of ε: no copy
         patches = {
             layer: self._additive_patch(geo, leaf)
             for layer, geo, leaf in zip(self.layers, self.geos, leaves, strict=True)
