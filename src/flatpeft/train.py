@@ -29,6 +29,7 @@ import platform
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -237,7 +238,10 @@ def apply_method_spec(cfg: TrainConfig, spec: str | None = None) -> TrainConfig:
     """
     name, options = parse_method_spec(spec if spec is not None else cfg.method)
     if name != FULL:
-        get_method(name)  # raises, listing the known methods
+        try:
+            get_method(name)
+        except ValueError as e:
+            raise ConfigError(f"{e}; or {FULL} (full fine-tuning without adapters)") from None
     method_fields = _method_fields(name)
     method_options = dict(cfg.method_options) if spec is None or name == cfg.method else {}
     run_options = {}
@@ -251,6 +255,10 @@ def apply_method_spec(cfg: TrainConfig, spec: str | None = None) -> TrainConfig:
                 f"unknown option {key!r} for method {name!r}; method options: "
                 f"{', '.join(sorted(method_fields)) or 'none'}; or any run option such as lr, rank"
             )
+    unknown = sorted(set(method_options) - set(method_fields))
+    if unknown:
+        known = ", ".join(sorted(method_fields)) or "none"
+        raise ConfigError(f"unknown option(s) {unknown} for method {name!r}; known options: {known}")
     method_options = {k: coerce(method_fields[k], v, f"{name}.{k}") for k, v in method_options.items()}
     merged = {**cfg.to_dict(), **run_options, "method": name, "method_options": method_options}
     return TrainConfig.from_dict(merged)
@@ -786,7 +794,7 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
         "test": evaluate(run, run.splits.test),
         "val": evaluate(run, run.splits.val),
         "eval": {name: evaluate(run, examples) for name, examples in run.splits.eval_sets.items()},
-        "seconds_per_step": sum(times) / len(times),
+        "seconds_per_step": statistics.median(times),  # robust to a busy machine; first step excluded
         **_peak_memory(run.device),
         "labels": run.splits.labels,
     }

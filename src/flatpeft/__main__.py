@@ -1,0 +1,5 @@
+"""``python -m flatpeft`` (and ``torchrun -m flatpeft``): the ``flatpeft`` command line."""
+
+from .cli import main
+
+raise SystemExit(main())
