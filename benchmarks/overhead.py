@@ -2,7 +2,8 @@
 
 Time: one process, the same model weights, batch and seed for every method; after warm-up, rounds
 of ``--steps`` optimizer steps per method are interleaved (lora, m1, m2, ..., lora, m1, ...) so
-drift in machine speed hits every method alike; the figure is the median seconds per step.
+drift in machine speed hits every method alike; the figure is the median over rounds of each
+round's mean seconds per step (a round covers whole cycles of methods that alternate step kinds).
 
 Memory: on CUDA, the peak allocated memory of each method's steps (reset between methods). On CPU
 the process-wide peak RSS cannot be reset, so each method's peak RSS is measured in a fresh child
@@ -35,7 +36,10 @@ import transformers
 import flatpeft
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {"flat_lora[keep]": ("flat_lora", {"noise_memory": "keep"})}
+VARIANTS = {
+    "flat_lora[keep]": ("flat_lora", {"noise_memory": "keep"}),
+    "bilevel_lora[darts]": ("bilevel_lora", {"hypergradient": "darts"}),
+}
 
 
 def minilm_path() -> str:
@@ -118,7 +122,7 @@ def time_methods(args, specs: list[str], device: torch.device) -> dict[str, dict
     runs = {spec: build(args, spec, device) for spec in specs}
     vocab = runs[specs[0]][0].get_base_model().config.vocab_size
     batches = make_batches(args, vocab, device)
-    times: dict[str, list[float]] = {spec: [] for spec in specs}
+    times: dict[str, list[float]] = {spec: [] for spec in specs}  # mean seconds/step of each round
     peaks: dict[str, float] = {}
     for run in runs.values():  # warm-up
         for _ in range(args.warmup):
@@ -129,19 +133,19 @@ def time_methods(args, specs: list[str], device: torch.device) -> dict[str, dict
             model, method, optimizer = runs[spec]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            start = time.perf_counter()
             for _ in range(args.steps):
-                _sync(device)
-                start = time.perf_counter()
                 one_step(model, method, optimizer, batches)
-                _sync(device)
-                times[spec].append(time.perf_counter() - start)
+            _sync(device)
+            times[spec].append((time.perf_counter() - start) / args.steps)
             if device.type == "cuda":
                 peaks[spec] = max(peaks.get(spec, 0.0), torch.cuda.max_memory_allocated() / 2**20)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     return {
         spec: {
             "seconds_per_step": statistics.median(times[spec]),
-            "all_seconds": times[spec],
+            "round_means": times[spec],
             "peak_mb": peaks.get(spec),
         }
         for spec in specs
@@ -202,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--targets", default="all-linear", help="'all-linear' or comma-separated module names"
     )
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=2, help="steps per method per round")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--steps", type=int, default=5, help="steps per method per round (5 = one bilevel_lora 4:1 cycle)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)

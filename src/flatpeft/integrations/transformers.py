@@ -80,6 +80,8 @@ class FlatTrainerMixin:
         self._upper_iter = None
         if get_method(self.flat_config.method).needs_upper_loss:
             if upper_dataset is None:
+                from ..methods.bilevel_lora import split_dataset
+
                 self.train_dataset, upper_dataset = split_dataset(
                     self.train_dataset, getattr(self.flat_config, "split", 0.8), self.flat_config.seed
                 )
@@ -223,11 +225,13 @@ def _with_placeholder_steps(method: str | MethodConfig, overrides: dict[str, Any
 
 
 def _apply_group_options(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
-    """Move parameters whose method group sets its own options (e.g. ``lr``) into their own group."""
+    """Give each method group that sets its own options (e.g. ``lr``), or that holds parameters the
+    Trainer did not collect from the model (e.g. per-rank scales kept by the method), its own group."""
     inner = unwrap_optimizer(optimizer)
+    held = {id(p) for g in inner.param_groups for p in g["params"]}
     for group in groups:
         options = {k: v for k, v in group.items() if k not in ("params", "weight_decay")}
-        if not options:
+        if not options and all(id(p) in held for p in group["params"]):
             continue
         ids = {id(p) for p in group["params"]}
         for existing in inner.param_groups:
@@ -237,14 +241,3 @@ def _apply_group_options(optimizer: torch.optim.Optimizer, groups: list[dict[str
         new.update(group)
         new["params"] = list(group["params"])
         inner.add_param_group(new)
-
-
-def split_dataset(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """A seeded ``fraction : 1 - fraction`` split (D1, D2) of a map-style dataset."""
-    n = len(dataset)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = max(1, min(n - 1, round(fraction * n)))
-    first, second = sorted(order[:cut]), sorted(order[cut:])
-    if hasattr(dataset, "select"):  # datasets.Dataset
-        return dataset.select(first), dataset.select(second)
-    return torch.utils.data.Subset(dataset, first), torch.utils.data.Subset(dataset, second)
