@@ -461,19 +461,19 @@ def small_cli_options(adapter, out, **extra):
     return options | extra
 
 
-def test_cli_writes_every_requested_metric_and_pictures(run_folder, tmp_path):
+def test_cli_writes_every_requested_metric_and_pictures(run_folder, tmp_path, capsys):
     import matplotlib.image
 
+    from flatpeft.cli import main
+
     out = tmp_path / "measured"
-    parser = argparse.ArgumentParser()
-    S.add_cli_arguments(parser)
     flags = [
         f"--{k.replace('_', '-')}={v}"
         for k, v in small_cli_options(run_folder, out).items()
         if k != "progress"
     ]
-    args = parser.parse_args([*flags, "--no-progress", "--metrics", *S.METRICS])
-    report = S.run_sharpness_cli(args)
+    assert main(["sharpness", *flags, "--no-progress", "--metrics", *S.METRICS]) == 0
+    printed = capsys.readouterr().out
     data = json.loads((out / "sharpness.json").read_text())
     assert set(data["results"]) == set(S.METRICS)
     assert all(set(by_space) == {"full", "lora"} for by_space in data["results"].values())
@@ -485,14 +485,28 @@ def test_cli_writes_every_requested_metric_and_pictures(run_folder, tmp_path):
     assert sorted(data["images"]) == ["landscape_1d.png", "landscape_2d_full.png", "landscape_2d_lora.png"]
     for name in data["images"]:
         assert matplotlib.image.imread(out / name).ndim == 3
-    assert (out / "sharpness.md").read_text().strip() == report["table"]
-    assert report["table"].count("\n") == 2 + len(S.METRICS)  # header, rule, clean loss, one row each
+    table = (out / "sharpness.md").read_text().strip()
+    assert table in printed and str(out) in printed
+    assert table.count("\n") == 2 + len(S.METRICS)  # header, rule, clean loss, one row per metric
 
 
-def test_cli_bad_input_names_the_fix_and_writes_nothing(run_folder, tmp_path):
+def test_cli_arguments_reach_run_sharpness_cli(tmp_path):
+    parser = argparse.ArgumentParser()
+    S.add_cli_arguments(parser)
+    args = parser.parse_args(
+        ["--adapter", str(tmp_path), "--metrics", "expected", "hessian_trace", "--no-progress"]
+    )
+    opts = S._cli_options(args)
+    assert opts["metrics"] == ["expected", "hessian_trace"] and opts["progress"] is False
+    assert opts["spaces"] == ["full", "lora"] and opts["sigma"] == 0.05
+
+
+def test_cli_bad_input_names_the_fix_and_writes_nothing(run_folder, tmp_path, capsys):
     out = tmp_path / "never"
-    with pytest.raises(ValueError, match="neither a PEFT adapter folder"):
-        S.run_sharpness_cli(small_cli_options(tmp_path, out))
+    from flatpeft.cli import main
+
+    assert main(["sharpness", "--adapter", str(tmp_path), "--out", str(out)]) == 2
+    assert "neither a PEFT adapter folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown metric"):
         S.run_sharpness_cli(small_cli_options(run_folder, out, metrics=["flatness"]))
     with pytest.raises(ValueError, match="max_examples"):

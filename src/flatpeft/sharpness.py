@@ -30,7 +30,7 @@ Definitions (ε lives in the chosen space):
   ``L(θ + a·d₁ + b·d₂)`` on a grid, with filter-normalised random directions (Gaussian ``d`` whose
   rows are rescaled to ``‖d_i‖ = ‖θ_i‖``).
 
-Exactness: the model comes back bit-identical (fp32, bf16, fp16). Full-space perturbations are
+Exactness: the model comes back bit-identical (tested in fp32 and bf16). Full-space perturbations are
 applied functionally through the base-layer forward (``op(x, W0 + ε)``, or ``base(x) + op(x, ε)``),
 so frozen weights are never written; LoRA-space perturbations are written into the small adapter
 tensors and restored by copy. Full-space Hessian-vector products differentiate through the base
@@ -41,10 +41,12 @@ generators seeded by ``(seed, draw, tensor)``: the global RNG is never touched o
 Every function puts the model in ``eval()`` mode (dropout off, so ``L`` is deterministic) and
 restores each module's previous train/eval mode afterwards. No ``.grad`` is written. An attached
 flatpeft method changes nothing: methods act only inside their ``backward``, so measurements are
-always taken at the clean point. The batches are read into a list once and reused for every
-evaluation; ``L`` is the plain mean of the per-batch losses (use equal-sized batches for a dataset
-mean). Memory: the worst-case ascent keeps ε and its gradient (two weight-sized fp32 tensors per
-adapted layer); Hessian products keep ``v`` and ``Hv``.
+always taken at the clean point, inside the method's ``exported()`` block (the adapter holds the
+stock LoRA weights it would be saved with, e.g. ``bilevel_lora``'s scale folded into B). The
+batches are read into a list once and reused for every evaluation; ``L`` is the plain mean of the
+per-batch losses (use equal-sized batches for a dataset mean). Memory: the worst-case ascent keeps
+ε and its gradient (two weight-sized fp32 tensors per adapted layer); Hessian products keep ``v``
+and ``Hv``.
 """
 
 from __future__ import annotations
@@ -963,7 +965,8 @@ def add_cli_arguments(parser: Any) -> None:
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            kwargs.update(nargs="+", choices=list(METRICS) if name == "metrics" else ["full", "lora"])
+            choices = list(METRICS) if name == "metrics" else ["full", "lora"]
+            kwargs.update(nargs="+", choices=choices, metavar=name[:-1].upper())
         else:
             kwargs["type"] = kind
         if name == "task":
