@@ -3,6 +3,7 @@
     flatpeft methods                                   # every method, its options and defaults
     flatpeft train --method flat_lora --opt sigma=0.1  # one run folder (MiniLM + tweets by default)
     flatpeft compare --methods lora flat_lora:sigma=0.1 --seeds 0 1 2
+    flatpeft sharpness --adapter runs/flat_lora-seed0  # flatness of a trained adapter, full vs LoRA space
 
 Each subcommand is a function ``run(args) -> exit code`` plus a function that adds its arguments,
 registered in :data:`COMMANDS` with :func:`command`; a new subcommand is one more registered pair.
@@ -91,7 +92,8 @@ class _KeyValue(argparse.Action):
         setattr(namespace, self.dest, current)
 
 
-_SKIP_FOR_COMPARE = {"method", "method_options", "resume", "out"}
+_SKIP_FOR_COMPARE = {"method", "method_options", "resume", "out", "seed"}
+_COMPARE_DEFAULTS = {"sharpness_samples": 4}  # the sharpness column, when flatpeft.sharpness is there
 
 
 def _add_run_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
@@ -104,8 +106,12 @@ def _add_run_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        kwargs["help"] = f"{f.metadata['help']} (default: {default})"
+        text = f.metadata["help"]
+        kwargs["help"] = text if "default" in text else f"{text} (default: {default})"
         hint = hints[f.name]
+        plain = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        if plain in (int, float):
+            kwargs["metavar"] = "N" if plain is int else "X"
         if f.name == "method_options":
             parser.add_argument("--opt", action=_KeyValue, metavar="KEY=VALUE", **kwargs)
             continue
@@ -230,7 +236,7 @@ def compare(
     Raises:
         ValueError: bad options, methods, data or model; ``out`` in use without ``resume``.
     """
-    options = {k: v for k, v in options.items() if k not in _SKIP_FOR_COMPARE}
+    options = _COMPARE_DEFAULTS | {k: v for k, v in options.items() if k not in _SKIP_FOR_COMPARE}
     base = train_lib.TrainConfig.from_dict(options)
     if not methods or not seeds:
         raise ValueError("compare needs at least one method and one seed")
@@ -444,6 +450,27 @@ def run_compare(args: argparse.Namespace) -> int:
     if report["failed"]:
         print(f"failed runs: {', '.join(report['failed'])}", file=sys.stderr)
         return 1
+    return 0
+
+
+# -- flatpeft sharpness ---------------------------------------------------------------------------
+
+
+def _configure_sharpness(parser: argparse.ArgumentParser) -> None:
+    from . import sharpness
+
+    sharpness.add_cli_arguments(parser)
+
+
+@command("sharpness", "measure the flatness of a saved adapter (full and LoRA spaces)", _configure_sharpness)
+def run_sharpness(args: argparse.Namespace) -> int:
+    """Run :func:`flatpeft.sharpness.run_sharpness_cli` with the options of ``args``; print the table."""
+    from . import sharpness
+
+    report = sharpness.run_sharpness_cli(args)
+    print(report["table"])
+    files = ["sharpness.json", "sharpness.md", *report["images"]]
+    print(f"\nwritten to {report['out']}/: {', '.join(files)}")
     return 0
 
 
