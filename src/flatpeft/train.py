@@ -87,7 +87,7 @@ class TrainConfig:
     model: str = _opt("minilm", "minilm (built-in), tiny (random, for tests), a local folder or a Hub name")
     data: str = _opt("tweets", "tweets (built-in), a .csv/.jsonl/.parquet file or a datasets name")
     task: Literal["classification", "causal-lm"] = _opt("classification", "what to train")
-    text_column: str | None = _opt(None, "text column (default: text; sentiment data: text)")
+    text_column: str | None = _opt(None, "text column (default: text)")
     label_column: str | None = _opt(None, "label column (default: label; tweets: sentiment)")
     prompt_column: str = _opt("prompt", "causal-lm: prompt column")
     response_column: str = _opt("response", "causal-lm: response column (the loss covers only it)")
@@ -361,6 +361,11 @@ def prepare(cfg: TrainConfig) -> Run:
     Raises:
         ValueError (``DataError``, ``ModelError``, ``ConfigError``): anything wrong with the inputs.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "flatpeft train runs in one process; for DDP use flatpeft.FlatTrainer under torchrun or "
+            "accelerate launch (see examples/ddp.py)"
+        )
     if cfg.method != FULL:
         get_method(cfg.method)
     model_lib.resolve_model(cfg.model, cfg.task)  # cheap check before reading the data
@@ -380,7 +385,8 @@ def prepare(cfg: TrainConfig) -> Run:
     train_set, upper = splits.train, []
     if cfg.method != FULL and get_method(cfg.method).needs_upper_loss:
         d1 = getattr(_method_config(cfg, 1), "split", 0.8)  # D1 : D2 = split : 1 - split
-        train_set, upper = data_lib.stratified_split(splits.train, [d1, None], cfg.data_seed + 2)
+        n1 = round(d1 * len(splits.train))
+        train_set, upper = data_lib.stratified_split(splits.train, [max(n1, 1), None], cfg.data_seed + 2)
         if not upper or not train_set:
             raise ConfigError(f"{cfg.method}: split={d1} leaves an empty D1 or D2; use more training data")
         splits.train = train_set
@@ -391,6 +397,7 @@ def prepare(cfg: TrainConfig) -> Run:
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = model_lib.load_model(cfg.model, cfg.task, max(len(splits.labels), 2), cfg.seed)
+    model.to(device)  # before the method attaches, so its buffers and auxiliary adapters follow
     if method_config is None:
         method = FullFineTune(model)
     else:
@@ -409,7 +416,7 @@ def prepare(cfg: TrainConfig) -> Run:
         from .method import attach
 
         method = attach(model, method_config)
-    model.to(device).train()
+    model.train()
     optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr)
     method.bind(optimizer)
     warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total_steps
