@@ -85,7 +85,7 @@ def test_config_defaults_and_errors():
         flatpeft.make_config("bilevel_lora", hypergradient="implicit")
 
 
-def test_split_is_seeded_8_to_2_and_shared_with_the_trainer():
+def test_split_is_seeded_8_to_2():
     d1, d2 = split_indices(50, 0.8, seed=3)
     assert len(d1) == 40 and len(d2) == 10
     assert sorted(d1 + d2) == list(range(50)) and not set(d1) & set(d2)
@@ -94,11 +94,7 @@ def test_split_is_seeded_8_to_2_and_shared_with_the_trainer():
     assert [len(part) for part in split_indices(2, 0.99)] == [1, 1]  # D2 is never empty
     data = list(range(100, 150))
     s1, s2 = split_dataset(data, 0.8, seed=3)
-    assert [data[i] for i in d2] == list(s2)
-    from flatpeft.integrations.transformers import split_dataset as trainer_split
-
-    t1, t2 = trainer_split(data, 0.8, 3)
-    assert list(t1) == list(s1) and list(t2) == list(s2)
+    assert [data[i] for i in d1] == list(s1) and [data[i] for i in d2] == list(s2)
     with pytest.raises(ValueError, match="at least 2"):
         split_indices(1)
     with pytest.raises(ValueError, match="fraction must be in"):
