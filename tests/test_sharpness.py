@@ -391,6 +391,15 @@ def test_landscape_grid_json_and_png(space, tmp_path):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_overflowed_losses_are_written_as_null_and_read_back_as_nan(tmp_path):
+    land = S.Landscape("full", 1, [-1.0, 0.0, 1.0], [], [math.inf, 0.5, math.nan], 0.5, {"dims": 1})
+    data = json.loads(land.to_json())
+    assert data["losses"] == [None, 0.5, None]
+    again = S.Landscape.from_dict(data)
+    assert math.isnan(again.losses[0]) and again.losses[1] == 0.5
+    assert S.plot_landscape(again, tmp_path / "nan.png").stat().st_size > 0
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

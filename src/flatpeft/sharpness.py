@@ -159,17 +159,32 @@ class Landscape:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """The landscape as JSON text, also written to ``path`` when given."""
+        """The landscape as JSON text (non-finite losses as ``null``), also written to ``path`` when given."""
         return _dump(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Landscape:
-        """Inverse of :meth:`to_dict`."""
-        return cls(**data)
+        """Inverse of :meth:`to_dict` (``null`` losses, written for non-finite ones, read back as NaN)."""
+
+        def floats(v: Any) -> Any:
+            return [floats(x) for x in v] if isinstance(v, list) else (math.nan if v is None else v)
+
+        return cls(**{**data, "losses": floats(data["losses"])})
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats (a loss that overflowed far out on a landscape) become ``null``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _dump(data: dict[str, Any], path: str | Path | None) -> str:
-    text = json.dumps(data, indent=2, allow_nan=False)
+    text = json.dumps(_json_safe(data), indent=2, allow_nan=False)
     if path is not None:
         Path(path).write_text(text + "\n")
     return text
