@@ -216,12 +216,12 @@ def base_rows(layer: nn.Module, geo: Geometry) -> torch.Tensor:
 
 
 @torch.no_grad()
-def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str, base_sq: torch.Tensor) -> torch.Tensor:
+def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tensor:
     """‖W'_i‖₂ for every row of W' = W0 + s·B·A, in fp32, without forming W'.
 
-    ‖W'_i‖² = ‖W0_i‖² + 2s·⟨(W0·Aᵀ)_i, B_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ costs one (m·n·r) product instead of
-    materialising B·A and W' (``base_sq`` = ‖W0_i‖², constant while W0 is frozen). Conv2d layers and
-    LoRA variants whose delta is not s·B·A go through :func:`effective_rows`.
+    ‖W'_i‖² = ‖W0_i‖² + 2s·⟨(W0·Aᵀ)_i, B_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ costs one read of W0 and one
+    (m·n·r) product instead of materialising B·A and W'. Conv2d layers and LoRA variants whose delta
+    is not s·B·A go through :func:`effective_rows`.
     """
     if geo.kind == "conv2d" or adapter in getattr(layer, "lora_variant", {}):
         return effective_rows(layer, geo, adapter).norm(dim=1)
@@ -229,6 +229,7 @@ def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str, base_sq: 
     b = layer.lora_B[adapter].weight.float()
     a = layer.lora_A[adapter].weight.float()
     w0 = base_rows(layer, geo)
+    base_sq = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square_()
     cross = ((w0 @ a.t().to(w0.dtype)).float() * b).sum(1)
     quad = ((b @ (a @ a.t())) * b).sum(1)
     return (base_sq + 2 * s * cross + s * s * quad).clamp_min_(0).sqrt_()

@@ -97,11 +97,6 @@ class FlatLoRA(Method):
                 raise ValueError(f"{name}: flat_lora expects a frozen base weight; set requires_grad=False")
         self._std_step = -1
         self._stds: list[torch.Tensor] = []
-        with torch.no_grad():  # ‖W0_i‖², fixed while the base is frozen
-            self._base_sq = [
-                _peft.base_rows(layer, geo).float().pow(2).sum(1)
-                for (_, layer), geo in zip(self.layers, self.geos, strict=True)
-            ]
 
     def strength(self) -> dict[str, float]:
         return {"sigma": self.sigma_t()}
@@ -117,8 +112,8 @@ class FlatLoRA(Method):
         if self._std_step != self.step:
             sigma = self.sigma_t()
             self._stds = [
-                _peft.effective_row_norms(layer, geo, self.adapter, sq).mul_(sigma / math.sqrt(geo.n))
-                for (_, layer), geo, sq in zip(self.layers, self.geos, self._base_sq, strict=True)
+                _peft.effective_row_norms(layer, geo, self.adapter).mul_(sigma / math.sqrt(geo.n))
+                for (_, layer), geo in zip(self.layers, self.geos, strict=True)
             ]
             self._std_step = self.step
         return self._stds
