@@ -432,7 +432,8 @@ def _plot(path: Path, summary: list[dict[str, Any]], task: str) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     """Run :func:`compare` with the options of ``args``; print the table."""
     options = _options(args)
-    methods = getattr(args, "methods", None) or options.pop("methods", None) or list_methods()
+    registered = sorted(list_methods(), key=lambda name: name != "lora")  # the reference row first
+    methods = getattr(args, "methods", None) or options.pop("methods", None) or registered
     seeds = getattr(args, "seeds", None) or options.pop("seeds", None) or [0, 1, 2]
     options.pop("methods", None)
     options.pop("seeds", None)
