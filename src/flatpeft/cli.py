@@ -176,10 +176,16 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     _add_run_options(parser)
 
 
-@command("train", "fine-tune one model with one method and write a run folder", _configure_train)
+@command(
+    "train",
+    "fine-tune one model with one method and write a run folder (data-parallel under torchrun -m flatpeft)",
+    _configure_train,
+)
 def run_train(args: argparse.Namespace) -> int:
     """Run :func:`flatpeft.train.train` with the options of ``args`` and print the held-out metrics."""
     metrics = train_lib.train(_options(args))
+    if int(os.environ.get("RANK", "0")):
+        return 0  # under torchrun every rank returns the same metrics; rank 0 reports them
     test = metrics.get("test", {})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n")
     print(

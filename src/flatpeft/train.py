@@ -16,6 +16,15 @@ counter, the RNG state and the states of the model, optimizer, scheduler and met
 gives the same final adapter as an uninterrupted run. Every input is checked before the run folder is
 created, so a bad option writes nothing. A NaN/inf loss stops the run before the optimizer step and
 leaves the last good checkpoint as it was. Ctrl-C stops at the next step boundary with a checkpoint.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs data-parallel: the process group is started
+(gloo on CPU, NCCL on CUDA), the method is attached and the model then wrapped in
+``DistributedDataParallel``. Every rank draws the same micro-batches and trains on its strided share of
+each (rank r takes examples r, r + world, ...), its loss weighted so that the ranks' averaged gradient
+is the gradient of the whole micro-batch: 2 ranks compute what 1 process computes on the concatenated
+batch, with the same effective batch size and number of optimizer steps. Rank 0 alone writes the run
+folder and evaluates (on the full held-out sets); the metrics are broadcast to every rank. Checkpoints
+keep every rank's RNG state, so ``--resume`` under torchrun (same number of processes) continues exactly.
 """
 
 from __future__ import annotations
@@ -280,6 +289,98 @@ def _method_config(cfg: TrainConfig, total_steps: int) -> MethodConfig | None:
     return make_config(cfg.method, **options)
 
 
+# -- data parallelism (torchrun) -------------------------------------------------------------------
+
+
+@dataclass
+class Ranks:
+    """This process's place in a ``torchrun`` job (``world == 1``: one process, no collectives)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # started the process group here, so stops it
+
+    @classmethod
+    def start(cls, device_name: str) -> Ranks:
+        """Join the ``torchrun`` process group when ``WORLD_SIZE > 1`` (gloo on CPU, NCCL on CUDA)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = _device(device_name, local if world > 1 else None)
+        if world == 1:
+            return cls(device=device)
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device, owns)
+
+    def stop(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only one that writes."""
+        return self.rank == 0
+
+    def shard(self, examples: list[data_lib.Example]) -> tuple[list[data_lib.Example], float]:
+        """This rank's share of a micro-batch and the weight of its mean loss such that the average
+        over ranks (DDP's gradient reduction) is the mean over the whole micro-batch."""
+        if self.world == 1:
+            return examples, 1.0
+        mine = examples[self.rank :: self.world]
+        if not mine:  # fewer examples than ranks: take part in the all-reduce with weight 0
+            return examples[:1], 0.0
+        return mine, len(mine) * self.world / len(examples)
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over ranks."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s dropout stream after setup (rank 0 keeps the single-process one)."""
+    return seed * 1_000_003 + 7919 * rank
+
+
 # -- full fine-tuning -----------------------------------------------------------------------------
 
 
@@ -301,6 +402,9 @@ class FullFineTune:
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.register_step_post_hook(lambda *_: setattr(self, "step", self.step + 1))
+
+    def set_wrapper(self, wrapper: nn.Module) -> FullFineTune:
+        return self  # one backward pass: nothing to do without synchronisation
 
     def backward(self, loss_fn: Any, **kwargs: Any) -> torch.Tensor:
         loss = loss_fn()
@@ -335,6 +439,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     device: torch.device
+    net: nn.Module  # what the loss is computed through: the DistributedDataParallel wrapper or the model
+    ranks: Ranks
 
     def batch(self, examples: list[data_lib.Example]) -> dict[str, torch.Tensor]:
         make = (
@@ -343,11 +449,14 @@ class Run:
         return {k: v.to(self.device) for k, v in make(self.tokenizer, examples, self.cfg.max_length).items()}
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, local_rank: int | None = None) -> torch.device:
+    """``name`` as a device; under torchrun, ``auto``/``cuda`` mean this process's GPU (``LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    if name == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
@@ -355,17 +464,16 @@ def _micro_per_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
-def prepare(cfg: TrainConfig) -> Run:
+def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
     """Load the data, model and method and build the optimizer and scheduler; write nothing.
+
+    Under torchrun (``ranks.world > 1``) every rank builds the same model and method (same seeds), then
+    wraps the model in ``DistributedDataParallel`` and reseeds its own dropout stream.
 
     Raises:
         ValueError (``DataError``, ``ModelError``, ``ConfigError``): anything wrong with the inputs.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "flatpeft train runs in one process; for DDP use flatpeft.FlatTrainer under torchrun or "
-            "accelerate launch (see examples/ddp.py)"
-        )
+    ranks = ranks or Ranks(device=_device(cfg.device))
     if cfg.method != FULL:
         get_method(cfg.method)
     model_lib.resolve_model(cfg.model, cfg.task)  # cheap check before reading the data
@@ -394,7 +502,7 @@ def prepare(cfg: TrainConfig) -> Run:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
     method_config = _method_config(cfg, total_steps)
 
-    device = _device(cfg.device)
+    device = ranks.device
     torch.manual_seed(cfg.seed)
     model, tokenizer = model_lib.load_model(cfg.model, cfg.task, max(len(splits.labels), 2), cfg.seed)
     model.to(device)  # before the method attaches, so its buffers and auxiliary adapters follow
@@ -417,6 +525,18 @@ def prepare(cfg: TrainConfig) -> Run:
 
         method = attach(model, method_config)
     model.train()
+    net = model
+    if ranks.world > 1:  # after attach: a method may add parameters (Bi-LoRA's auxiliary adapter)
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=method.needs_upper_loss,  # a bilevel upper step leaves some unused
+        )
+        method.set_wrapper(net)
+        if ranks.rank:
+            torch.manual_seed(_rank_seed(cfg.seed, ranks.rank))  # other dropout masks on other data
     optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr)
     method.bind(optimizer)
     warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total_steps
@@ -427,7 +547,9 @@ def prepare(cfg: TrainConfig) -> Run:
         return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    return Run(cfg, splits, upper, model, tokenizer, method, optimizer, scheduler, total_steps, device)
+    return Run(
+        cfg, splits, upper, model, tokenizer, method, optimizer, scheduler, total_steps, device, net, ranks
+    )
 
 
 # -- data order ------------------------------------------------------------------------------------
@@ -588,7 +710,13 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def _save_checkpoint(run: Run, out: Path, step: int, rng: dict[str, Any], history: dict[str, list]) -> Path:
-    """Write ``checkpoints/step-<step>/state.pt`` atomically and prune old checkpoints."""
+    """Write ``checkpoints/step-<step>/state.pt`` atomically and prune old checkpoints (rank 0; the
+    weights, optimizer and method states are the same on every rank, the RNG states are not)."""
+    final = out / CHECKPOINTS / f"step-{step}"
+    rng_ranks = run.ranks.gather(rng)
+    if not run.ranks.main:
+        run.ranks.barrier()
+        return final
     state = {
         "step": step,
         "trainable": {
@@ -598,9 +726,10 @@ def _save_checkpoint(run: Run, out: Path, step: int, rng: dict[str, Any], histor
         "scheduler": run.scheduler.state_dict(),
         "method": run.method.state_dict(),
         "rng": rng,
+        "world_size": run.ranks.world,
+        "rng_ranks": rng_ranks,
         "history": history,
     }
-    final = out / CHECKPOINTS / f"step-{step}"
     tmp = out / CHECKPOINTS / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -609,20 +738,28 @@ def _save_checkpoint(run: Run, out: Path, step: int, rng: dict[str, Any], histor
     os.replace(tmp, final)
     for old in _checkpoints(out)[: -run.cfg.keep_checkpoints]:
         shutil.rmtree(old)
+    run.ranks.barrier()
     return final
 
 
 def _load_checkpoint(run: Run, path: Path) -> tuple[int, dict[str, list]]:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    world = state.get("world_size", 1)
+    if world != run.ranks.world:
+        raise ConfigError(
+            f"{path} was written by {world} process(es); resume with the same number "
+            f"({'torchrun --nproc_per_node ' + str(world) if world > 1 else 'without torchrun'})"
+        )
+    rng = state["rng_ranks"][run.ranks.rank] if "rng_ranks" in state else state["rng"]
     _, unexpected = run.model.load_state_dict(state["trainable"], strict=False)
     if unexpected:
         raise ConfigError(f"{path}: weights {unexpected[:3]}... do not match this model; start a new --out")
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.method.load_state_dict(state["method"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"]), state["history"]
 
 
@@ -665,7 +802,8 @@ def resolve(options: dict[str, Any]) -> TrainConfig:
 
 
 def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
-    """Run ``flatpeft train``: fine-tune, evaluate, and write the run folder.
+    """Run ``flatpeft train``: fine-tune, evaluate, and write the run folder (under ``torchrun``:
+    data-parallel on every rank, written by rank 0; every rank returns the same metrics).
 
     Args:
         options: Explicit options (config-file keys / flags), or a :class:`TrainConfig`.
@@ -675,30 +813,41 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
 
     Raises:
         ValueError: bad input (nothing is written).
-        Diverged: the loss became NaN/inf (the last good checkpoint is kept).
+        Diverged: the loss became NaN/inf on any rank (the last good checkpoint is kept).
         Interrupted: Ctrl-C (a checkpoint of the last completed step is written).
     """
     cfg = resolve(options.to_dict() if isinstance(options, TrainConfig) else options)
     out = Path(cfg.out)
     if cfg.resume and (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())  # already complete
-    run = prepare(cfg)
+    ranks = Ranks.start(cfg.device)
+    try:
+        return _train(cfg, out, ranks)
+    finally:
+        ranks.stop()
+
+
+def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
+    run = prepare(cfg, ranks)
     from tqdm.auto import tqdm
 
-    # Resume or start the run folder (only now, after every check).
+    # Resume or start the run folder (only now, after every check on every rank).
     start, history = 0, {"loss": [], "seconds": []}
     checkpoints = _checkpoints(out) if cfg.resume else []
     if checkpoints:
         start, history = _load_checkpoint(run, checkpoints[-1])
+    ranks.barrier()
+    if ranks.main and checkpoints:
         log_lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
         kept = [line for line in log_lines if json.loads(line).get("step", 0) <= start]
         (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
-    if not cfg.resume:
+    if ranks.main and not cfg.resume:
         out.mkdir(parents=True, exist_ok=True)
         config = {
             "config": cfg.to_dict(),
             "method_config": None if cfg.method == FULL else run.method.config.to_dict(),
             "total_steps": run.total_steps,
+            "world_size": ranks.world,
             "data": run.splits.summary() | {"upper_n": len(run.upper)},
             "seed": cfg.seed,
             "versions": _versions(),
@@ -707,7 +856,7 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         _write_json(out / "config.json", config)
-    log = open(out / "log.jsonl", "a")  # noqa: SIM115 (closed in finally)
+    log = open(out / "log.jsonl", "a") if ranks.main else None  # noqa: SIM115 (closed in finally)
 
     stream = Stream(run.splits.train, cfg.batch_size, cfg.seed)
     upper_stream = Stream(run.upper, cfg.batch_size, cfg.seed + 1) if run.upper else None
@@ -725,35 +874,45 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     bar = tqdm(
-        total=run.total_steps, initial=start, desc=f"{cfg.method} seed {cfg.seed}", disable=not cfg.progress
+        total=run.total_steps,
+        initial=start,
+        desc=f"{cfg.method} seed {cfg.seed}",
+        disable=not (cfg.progress and ranks.main),
     )
     try:
         for step in range(start, run.total_steps):
             rng = _rng_state()  # the state at this step boundary, for a checkpoint taken on Ctrl-C
-            if stop["asked"]:
+            if ranks.sum(stop["asked"])[0]:  # every rank stops at the same step
                 path = _save_checkpoint(run, out, step, rng, history)
                 raise Interrupted(
                     f"stopped at step {step}; checkpoint {path}. Continue with --resume --out {out}"
                 )
             t0 = time.perf_counter()
-            step_loss = 0.0
+            step_loss, bad_loss = 0.0, None
             for micro in range(cfg.grad_accum):
                 j = step * cfg.grad_accum + micro
-                batch = run.batch(stream[j])
+                examples, weight = ranks.shard(stream[j])  # (all of micro-batch j, 1.0) in one process
+                batch = run.batch(examples)
                 extra = {}
                 if upper_stream is not None:
-                    upper = run.batch(upper_stream[j])
-                    extra["upper_loss_fn"] = lambda upper=upper: (
-                        _forward_loss(run.model, upper) / cfg.grad_accum
+                    upper_examples, upper_weight = ranks.shard(upper_stream[j])
+                    upper = run.batch(upper_examples)
+                    extra["upper_loss_fn"] = lambda upper=upper, w=upper_weight: (
+                        _forward_loss(run.net, upper) * w / cfg.grad_accum
                     )
                 loss = run.method.backward(
-                    lambda batch=batch: _forward_loss(run.model, batch) / cfg.grad_accum, **extra
+                    lambda batch=batch, w=weight: _forward_loss(run.net, batch) * w / cfg.grad_accum, **extra
                 )
-                if not torch.isfinite(loss):
-                    raise Diverged(_diverged_message(cfg, out, step, f"the loss is {float(loss)}"))
+                if not torch.isfinite(loss) and bad_loss is None:
+                    bad_loss = float(loss)
                 step_loss += float(loss)
+            step_loss, bad = ranks.sum(step_loss, bad_loss is not None)  # all ranks stop together
+            step_loss /= ranks.world
+            if bad:
+                what = f"the loss is {bad_loss}" if bad_loss is not None else "the loss on another rank"
+                raise Diverged(_diverged_message(cfg, out, step, what))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-            if not math.isfinite(grad_norm):
+            if not math.isfinite(grad_norm):  # the same on every rank: gradients are all-reduced
                 raise Diverged(_diverged_message(cfg, out, step, f"the gradient norm is {grad_norm}"))
             run.optimizer.step()
             run.scheduler.step()
@@ -763,7 +922,7 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             done = step + 1
-            if cfg.log_every and (done % cfg.log_every == 0 or done == run.total_steps):
+            if log and cfg.log_every and (done % cfg.log_every == 0 or done == run.total_steps):
                 lr = run.scheduler.get_last_lr()[0]
                 entry = {
                     "step": done,
@@ -774,22 +933,30 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
                 }
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
-            if cfg.eval_every and done % cfg.eval_every == 0:
+            if log and cfg.eval_every and done % cfg.eval_every == 0:
                 log.write(json.dumps({"step": done, "val": evaluate(run, run.splits.val)}) + "\n")
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < run.total_steps:
                 _save_checkpoint(run, out, done, _rng_state(), history)
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
-    # Back to a vanilla model, save it, evaluate exactly what was saved.
+    # Back to a vanilla model, save it, evaluate exactly what was saved (rank 0; the others wait).
     model = run.method.detach()
-    target = out / ("model" if cfg.method == FULL else "adapter")
-    model.save_pretrained(target)
-    run.tokenizer.save_pretrained(target)
     run.model = model
+    metrics = _finish(run, out, stream, history) if ranks.main else None
+    return ranks.broadcast(metrics)
+
+
+def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> dict[str, Any]:
+    """Save the adapter (or model), evaluate it and write ``metrics.json``."""
+    cfg = run.cfg
+    target = out / ("model" if cfg.method == FULL else "adapter")
+    run.model.save_pretrained(target)
+    run.tokenizer.save_pretrained(target)
     epoch_steps = max(1, math.ceil(stream.per_epoch / cfg.grad_accum))
     times = history["seconds"][1:] or history["seconds"]
     metrics: dict[str, Any] = {
@@ -797,6 +964,7 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
         "method_options": cfg.method_options,
         "seed": cfg.seed,
         "steps": run.total_steps,
+        "world_size": run.ranks.world,
         "train_loss": sum(history["loss"][-epoch_steps:]) / len(history["loss"][-epoch_steps:]),
         "test": evaluate(run, run.splits.test),
         "val": evaluate(run, run.splits.val),
