@@ -13,12 +13,26 @@ from .registry import get_method, list_methods, make_config, register
 __version__ = "0.1.0"
 
 
+_SHARPNESS = (
+    "expected_sharpness",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "loss_landscape",
+    "plot_landscape",
+    "worst_case_sharpness",
+)
+
+
 def __getattr__(name: str):
-    # The Trainer integration imports transformers.Trainer; load it only when asked for.
+    # The Trainer integration and the measurements load only when asked for.
     if name in ("FlatTrainer", "FlatTrainerMixin"):
         from .integrations import transformers as _hf
 
         return getattr(_hf, name)
+    if name in _SHARPNESS:
+        from . import sharpness
+
+        return getattr(sharpness, name)
     raise AttributeError(f"module 'flatpeft' has no attribute {name!r}")
 
 
@@ -29,8 +43,14 @@ __all__ = [
     "MethodConfig",
     "__version__",
     "attach",
+    "expected_sharpness",
     "get_method",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
     "list_methods",
+    "loss_landscape",
     "make_config",
+    "plot_landscape",
     "register",
+    "worst_case_sharpness",
 ]
