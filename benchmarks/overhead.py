@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -152,13 +153,32 @@ def time_methods(args, specs: list[str], device: torch.device) -> dict[str, dict
     }
 
 
+def _vm_hwm_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
 def _child_peak_rss(args, spec: str, queue) -> None:
     torch.set_num_threads(args.threads)
     model, method, optimizer = build(args, spec, torch.device("cpu"))
     batches = make_batches(args, model.get_base_model().config.vocab_size, torch.device("cpu"))
-    for _ in range(args.warmup + args.steps):
+    for _ in range(args.warmup):
         one_step(model, method, optimizer, batches)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB on Linux
+    # Loading the model has its own RSS spike; reset the high-water mark (Linux: clear_refs 5) so
+    # the peak is that of the training steps alone (still including the loaded model).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    for _ in range(args.steps):
+        one_step(model, method, optimizer, batches)
+    peak = _vm_hwm_mib()
+    queue.put(peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def cpu_peak_rss(args, spec: str) -> float:
@@ -217,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--no-memory", action="store_true", help="skip the per-method peak RSS children (CPU)"
     )
+    parser.add_argument("--no-time", action="store_true", help="measure memory only")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.model == "auto":
@@ -230,7 +251,10 @@ def main(argv: list[str] | None = None) -> dict:
     specs = args.methods or [*flatpeft.list_methods(), *VARIANTS]
     specs = ["lora", *[s for s in specs if s != "lora"]]
 
-    results = time_methods(args, specs, device)
+    if args.no_time:
+        results = {spec: {"seconds_per_step": math.nan, "round_means": [], "peak_mb": None} for spec in specs}
+    else:
+        results = time_methods(args, specs, device)
     if device.type == "cpu" and not args.no_memory:
         for spec in specs:
             results[spec]["peak_mb"] = cpu_peak_rss(args, spec)
