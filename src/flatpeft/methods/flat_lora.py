@@ -59,7 +59,7 @@ class FlatLoRAConfig(MethodConfig):
         "shared", "Under DDP: the same ε on every rank (default) or independent ε per rank."
     )
     noise_memory: Literal["regenerate", "keep"] = option(
-        "regenerate", "regenerate ε in backward (no extra memory) or keep W0+ε until backward (faster)."
+        "regenerate", "regenerate ε in backward (no extra memory) or keep W0+ε to backward (one draw fewer)."
     )
 
     def validate(self) -> None:
