@@ -26,7 +26,7 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from .. import _peft
 from ..config import MethodConfig
@@ -36,18 +36,6 @@ from ..registry import get_method, make_config
 __all__ = ["METHOD_STATE_NAME", "FlatTrainer", "FlatTrainerMixin"]
 
 METHOD_STATE_NAME = "flatpeft_method.pt"
-
-
-class _TotalSteps(TrainerCallback):
-    """Sets T from the Trainer state once it is final (``on_train_begin``)."""
-
-    def __init__(self, trainer: FlatTrainerMixin) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        method = self.trainer.flat_method
-        if method is not None and state.max_steps > 0 and not self.trainer._user_total_steps:
-            method.set_total_steps(state.max_steps)
 
 
 class FlatTrainerMixin:
@@ -75,7 +63,6 @@ class FlatTrainerMixin:
         self.flat_config = make_config(method, **_with_placeholder_steps(method, overrides))
         self.flat_method: Method | None = None
         super().__init__(*args, **kwargs)
-        self.add_callback(_TotalSteps(self))
         self._upper_loader = None
         self._upper_iter = None
         if get_method(self.flat_config.method).needs_upper_loss:
