@@ -148,6 +148,11 @@ class MethodConfig:
             raise ValueError(f"unknown option(s) {unknown} for method {cls.method!r}; known options: {known}")
 
     @classmethod
+    def has_field(cls, name: str) -> bool:
+        """Whether this config declares a field ``name`` (e.g. ``total_steps``)."""
+        return any(f.name == name for f in dataclasses.fields(cls))
+
+    @classmethod
     def strength_fields(cls) -> list[str]:
         """Names of the fields declared with ``strength=True`` (ρ, σ, ...)."""
         return [f.name for f in dataclasses.fields(cls) if f.metadata.get("strength")]

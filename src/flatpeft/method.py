@@ -190,7 +190,7 @@ class Method:
 
     def set_total_steps(self, total_steps: int) -> None:
         """Set T (total optimizer steps) in the config, for methods whose config has ``total_steps``."""
-        if "total_steps" in {f for f, *_ in self.config.describe()}:
+        if self.config.has_field("total_steps"):
             self.config = self.config.replace(total_steps=int(total_steps))
 
     @contextlib.contextmanager
@@ -270,7 +270,7 @@ def attach(
     from .registry import get_method, make_config
 
     name = method.method if isinstance(method, MethodConfig) else method
-    if total_steps is not None and "total_steps" in {f for f, *_ in get_method(name).config_class.describe()}:
+    if total_steps is not None and get_method(name).config_class.has_field("total_steps"):
         overrides = {"total_steps": total_steps, **overrides}
     config = make_config(method, **overrides)
     return get_method(config.method)(model, config)

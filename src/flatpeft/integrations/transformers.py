@@ -88,7 +88,7 @@ class FlatTrainerMixin:
                 or self.args.max_steps
             )
             config = self.flat_config
-            if steps and steps > 0 and not self._user_total_steps and "total_steps" in _fields(config):
+            if steps and steps > 0 and not self._user_total_steps and config.has_field("total_steps"):
                 config = config.replace(total_steps=int(steps))
             self.flat_method = attach(self.model, config)
         return self.flat_method
@@ -183,7 +183,7 @@ class FlatTrainerMixin:
         path = os.path.join(checkpoint, METHOD_STATE_NAME) if checkpoint else None
         if path and os.path.isfile(path) and self.flat_method is not None:
             state = torch.load(path, map_location="cpu", weights_only=False)
-            if not self._user_total_steps and "total_steps" in _fields(self.flat_method.config):
+            if not self._user_total_steps and self.flat_method.config.has_field("total_steps"):
                 self.flat_method.set_total_steps(state["config"]["total_steps"])
             self.flat_method.load_state_dict(state)
 
@@ -197,16 +197,12 @@ class FlatTrainer(FlatTrainerMixin, Trainer):
     """A ``transformers.Trainer`` that trains with a flatpeft method (see :class:`FlatTrainerMixin`)."""
 
 
-def _fields(config: MethodConfig) -> set[str]:
-    return {name for name, *_ in config.describe()}
-
-
 def _with_placeholder_steps(method: str | MethodConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     # The config is validated now, but T is only known when training starts: use a placeholder.
     name = method.method if isinstance(method, MethodConfig) else method
     cls = get_method(name).config_class
     unset = not isinstance(method, MethodConfig) or getattr(method, "total_steps", None) is None
-    if "total_steps" in {f for f, *_ in cls.describe()} and "total_steps" not in overrides and unset:
+    if cls.has_field("total_steps") and "total_steps" not in overrides and unset:
         return {**overrides, "total_steps": 1}
     return overrides
 
