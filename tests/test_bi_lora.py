@@ -85,6 +85,49 @@ def test_grads_are_true_gradient_at_perturbed_point(kind):
         torch.testing.assert_close(p.grad, -g, rtol=1e-5, atol=1e-6)  # ascent on the accumulated gradient
 
 
+FUSION_CASES = {
+    "bert": (lambda: tiny_bert(), make_batch, True),
+    "bert_dropout": (lambda: tiny_bert(dropout=0.1), make_batch, True),
+    "gpt2_fan_in_fan_out": (tiny_gpt2, _lm_batch, True),
+    "bert_dora": (lambda: tiny_bert(use_dora=True), make_batch, False),
+}
+
+
+@pytest.mark.parametrize("kind", list(FUSION_CASES))
+def test_fused_pass_equals_peft_two_adapter_pass(kind):
+    """The rank-(r1+r2) fused branch is PEFT's two-adapter forward: same loss, same gradients for
+    every factor (dropout masks included); DoRA layers are left to PEFT."""
+    make_model, make_data, fused = FUSION_CASES[kind]
+    model = make_model()
+    model.train()
+    method = flatpeft.attach(model, "bi_lora", rho=0.5, aux_init="random", aux_r=3)
+    calls = []
+    for layer in method.aux_layers:
+        layer.lora_A[AUX_ADAPTER].register_forward_hook(lambda *_: calls.append(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = make_data(3)
+
+    def run(context):
+        calls.clear()
+        torch.manual_seed(11)
+        with context:
+            loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, params)
+        return loss, grads, len(calls)
+
+    loss, grads, n_calls = run(_peft.fused_adapters(method.aux_layers, method.adapter, AUX_ADAPTER))
+    ref_loss, ref_grads, ref_calls = run(
+        _peft.adapters_active(method.aux_layers, [method.adapter, AUX_ADAPTER])
+    )
+    assert ref_calls == len(method.aux_layers)
+    assert n_calls == (0 if fused else ref_calls)  # fused layers never call the auxiliary modules
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+    assert all("forward" not in layer.__dict__ for layer in method.aux_layers)
+    assert model.active_adapters == ["default"]
+
+
 def test_gram_norms_match_explicit_product():
     method = flatpeft.attach(tiny_bert(), "bi_lora")
     _set_aux(method)

@@ -8,6 +8,7 @@ helpers below (active adapter, adapter parameters, effective weight, base-forwar
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -392,6 +393,73 @@ def adapters_active(layers: list[nn.Module], names: list[str]) -> Iterator[None]
         for layer, active in zip(layers, previous, strict=True):
             layer.set_adapter(active)
         restore_flags()
+
+
+def _fusable(layer: nn.Module, primary: str, aux: str) -> bool:
+    """Whether ``layer`` runs ``primary`` and ``aux`` as vanilla LoRA on a dense base (no DoRA or other
+    variant, no LoRA bias, factors of one dtype, no instance-level forward such as an offload hook)."""
+    from peft.tuners.lora.layer import Linear
+
+    if not isinstance(layer, Linear) or "forward" in layer.__dict__:
+        return False
+    if primary not in layer.lora_A or aux not in layer.lora_A:
+        return False
+    for name in (primary, aux):
+        if layer.use_dora.get(name, False) or name in getattr(layer, "lora_variant", {}):
+            return False
+        if layer.lora_B[name].bias is not None:
+            return False
+    return layer.lora_A[primary].weight.dtype == layer.lora_A[aux].weight.dtype
+
+
+def _fused_forward(
+    layer: nn.Module,
+    primary: str,
+    aux: str,
+    original: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    *args,
+    **kw,
+) -> torch.Tensor:
+    """``W0·x + [s1·B1, s2·B2]·[A1·dropout(x); A2·x]``: PEFT's two-adapter sum as one rank-(r1+r2)
+    branch (one matmul per side instead of two). Anything unusual takes PEFT's own forward."""
+    if args or kw or layer.disable_adapters or layer.merged or list(layer.active_adapters) != [primary, aux]:
+        return original(x, *args, **kw)
+    result = layer.base_layer(x)
+    result_dtype = result.dtype
+    a1, a2 = layer.lora_A[primary].weight, layer.lora_A[aux].weight
+    b1, b2 = layer.lora_B[primary].weight, layer.lora_B[aux].weight
+    cast = getattr(layer, "_cast_input_dtype", None)
+    x = cast(x, a1.dtype) if cast is not None else x.to(a1.dtype)
+    dropout = layer.lora_dropout[primary]
+    if isinstance(dropout, nn.Identity):
+        h = F.linear(x, torch.cat([a1, a2]))
+    else:  # the auxiliary branch is a weight perturbation: it sees the input without dropout
+        h = torch.cat([F.linear(dropout(x), a1), F.linear(x, a2)], dim=-1)
+    b = torch.cat([b1 * layer.scaling[primary], b2 * layer.scaling[aux]], dim=1)
+    return (result + F.linear(h, b)).to(result_dtype)
+
+
+@contextlib.contextmanager
+def fused_adapters(layers: list[nn.Module], primary: str, aux: str) -> Iterator[None]:
+    """Within the block, ``layers`` run ``primary`` and ``aux`` together (as :func:`adapters_active`).
+
+    Plain LoRA ``Linear`` layers (``nn.Linear`` or GPT-2 ``Conv1D`` bases; no DoRA, variant or LoRA
+    bias) compute both adapters as ONE branch of rank r1 + r2: A = [A1; A2], B = [s1·B1, s2·B2]. This
+    is the same function and the same gradients for every factor (up to float summation order) at
+    about half the small-matmul calls. Other layers use PEFT's own multi-adapter forward.
+    """
+    with adapters_active(layers, [primary, aux]):
+        patched = []
+        try:
+            for layer in layers:
+                if _fusable(layer, primary, aux):
+                    layer.forward = functools.partial(_fused_forward, layer, primary, aux, layer.forward)
+                    patched.append(layer)
+            yield
+        finally:
+            for layer in patched:
+                del layer.forward
 
 
 # -- LoRA factors (fm_lora, eflat_lora) ------------------------------------------------------------
