@@ -41,7 +41,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
     "flat_lora[keep]": ("flat_lora", {"noise_memory": "keep"}),
     "bilevel_lora[darts]": ("bilevel_lora", {"hypergradient": "darts"}),
+    "lora[2 passes]": ("lora", {}),
 }
+# Control rows: plain LoRA with two forward/backward passes per optimizer step (the gradients of the
+# same batch accumulated) is the floor of every two-pass method on this machine.
+PASSES = {"lora[2 passes]": 2}
 
 
 def load_base(name: str, num_labels: int = 3):
@@ -96,11 +100,12 @@ def make_batches(args, vocab: int, device: torch.device):
     return out
 
 
-def one_step(model, method, optimizer, batches) -> None:
+def one_step(model, method, optimizer, batches, passes: int = 1) -> None:
     extra = {}
     if method.needs_upper_loss:
         extra["upper_loss_fn"] = lambda: model(**batches[1]).loss
-    method.backward(lambda: model(**batches[0]).loss, **extra)
+    for _ in range(passes):
+        method.backward(lambda: model(**batches[0]).loss, **extra)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -116,9 +121,9 @@ def time_methods(args, specs: list[str], device: torch.device) -> dict[str, dict
     batches = make_batches(args, vocab, device)
     times: dict[str, list[float]] = {spec: [] for spec in specs}  # mean seconds/step of each round
     peaks: dict[str, float] = {}
-    for run in runs.values():  # warm-up
+    for spec, run in runs.items():  # warm-up
         for _ in range(args.warmup):
-            one_step(*run, batches)
+            one_step(*run, batches, PASSES.get(spec, 1))
     for r in range(args.rounds):
         order = specs if r % 2 == 0 else [specs[0], *reversed(specs[1:])]
         for spec in order:
@@ -128,7 +133,7 @@ def time_methods(args, specs: list[str], device: torch.device) -> dict[str, dict
             _sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
-                one_step(model, method, optimizer, batches)
+                one_step(model, method, optimizer, batches, PASSES.get(spec, 1))
             _sync(device)
             times[spec].append((time.perf_counter() - start) / args.steps)
             if device.type == "cuda":
@@ -158,7 +163,7 @@ def _child_peak_rss(args, spec: str, queue) -> None:
     model, method, optimizer = build(args, spec, torch.device("cpu"))
     batches = make_batches(args, model.get_base_model().config.vocab_size, torch.device("cpu"))
     for _ in range(args.warmup):
-        one_step(model, method, optimizer, batches)
+        one_step(model, method, optimizer, batches, PASSES.get(spec, 1))
     # Loading the model has its own RSS spike; reset the high-water mark (Linux: clear_refs 5) so
     # the peak is that of the training steps alone (still including the loaded model).
     try:
@@ -167,7 +172,7 @@ def _child_peak_rss(args, spec: str, queue) -> None:
     except OSError:
         pass
     for _ in range(args.steps):
-        one_step(model, method, optimizer, batches)
+        one_step(model, method, optimizer, batches, PASSES.get(spec, 1))
     peak = _vm_hwm_mib()
     queue.put(peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -210,7 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", choices=["auto", "minilm", "tiny"], default="auto")
-    parser.add_argument("--methods", nargs="*", help="default: every registered method plus flat_lora[keep]")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        help="default: every registered method plus the variants and controls " + ", ".join(VARIANTS),
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
@@ -252,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     base_t, base_m = results["lora"]["seconds_per_step"], results["lora"]["peak_mb"]
     for row in results.values():
         row["time_ratio"] = row["seconds_per_step"] / base_t
+        row["round_ratios"] = [
+            t / b for t, b in zip(row["round_means"], results["lora"]["round_means"], strict=True)
+        ]
         row["memory_ratio"] = row["peak_mb"] / base_m if row["peak_mb"] and base_m else None
 
     report = {
