@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import flatpeft
 from flatpeft import _peft
-from flatpeft.methods.eflat_lora import (
+from flatpeft.methods.fm_lora import (
     B_ZERO_RMS,
     full_gradient_estimate,
     perturbation_directions,
