@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import peft
 import torch
@@ -80,6 +81,27 @@ def run_backward(method: flatpeft.Method, model, batch, upper_batch=None):
         upper = upper_batch if upper_batch is not None else make_batch(seed=99)
         kwargs["upper_loss_fn"] = lambda: model(**upper).loss
     return method.backward(lambda: model(**batch).loss, **kwargs)
+
+
+def assert_passes_released(method: flatpeft.Method, model, steps: int = 2) -> None:
+    """Run ``steps`` backward calls whose loss closures assert that every loss computed before is no
+    longer referenced (by the method, its graph bookkeeping or its return value)."""
+    refs: list[weakref.ref] = []
+
+    def tracked(batch):
+        def loss_fn():
+            assert all(ref() is None for ref in refs), "an earlier pass's loss is still referenced"
+            loss = model(**batch).loss
+            refs.append(weakref.ref(loss))
+            return loss
+
+        return loss_fn
+
+    for _ in range(steps):
+        upper = {"upper_loss_fn": tracked(make_batch(seed=99))} if method.needs_upper_loss else {}
+        assert method.backward(tracked(make_batch()), **upper).grad_fn is None
+        model.zero_grad(set_to_none=True)
+    assert len(refs) >= steps * method.passes
 
 
 def train(model, name: str, steps: int = 3, lr: float = 1e-2, seed: int = 0, **overrides):

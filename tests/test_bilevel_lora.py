@@ -14,7 +14,7 @@ from flatpeft.methods.bilevel_lora import (
     split_dataset,
     split_indices,
 )
-from helpers import assert_bit_identical, make_batch, tiny_bert, trainable_state
+from helpers import assert_bit_identical, assert_passes_released, make_batch, tiny_bert, trainable_state
 
 ADAPTER = "default"
 
@@ -550,3 +550,12 @@ def test_ddp_ranks_agree_and_first_order_equals_one_process(tmp_path):
     single = _ddp_train("first_order")  # two half-batches averaged = one process on the whole batch
     for k in single:
         torch.testing.assert_close(r0["first_order"][k], single[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_darts_releases_each_pass():
+    """DARTS runs four passes in one upper step; none holds an earlier pass's graph."""
+    model = tiny_bert()
+    method = flatpeft.attach(model, "bilevel_lora", hypergradient="darts", unroll_lr=0.1, lower_steps=1)
+    method.step = 1
+    assert method.upper_level()
+    assert_passes_released(method, model)

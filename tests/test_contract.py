@@ -13,6 +13,7 @@ import torch
 import flatpeft
 from helpers import (
     assert_bit_identical,
+    assert_passes_released,
     defaults_for,
     frozen_state,
     make_batch,
@@ -46,6 +47,15 @@ def test_frozen_weights_get_no_gradient(method_name):
     run_backward(method, model, make_batch())
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+
+
+def test_earlier_passes_are_released(method_name):
+    """Whenever the method computes a loss, no loss it computed before is still alive: a pass whose
+    backward has run must not hold its graph (and its memory) through later passes or steps."""
+    model = tiny_bert()
+    method = flatpeft.attach(model, method_name, **defaults_for(method_name))
+    method.step = 5
+    assert_passes_released(method, model)
 
 
 def test_zero_strength_reproduces_plain_backward(method_name):

@@ -346,6 +346,7 @@ class BilevelLoRA(Method):
             self._live = True
             upper = upper_loss_fn()
             grads = torch.autograd.grad(upper, [*V, *lams], allow_unused=True)
+            upper = upper.detach()  # its graph is not needed by the two passes below
             v, direct = grads[: len(V)], grads[len(V) :]
             eps = self.config.darts_radius / (float(global_norm(v)) + 1e-12)
             mixed = []

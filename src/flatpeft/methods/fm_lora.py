@@ -218,9 +218,8 @@ class _FullSpace(Method):
     def _clean_directions(self, loss_fn, backward_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The clean loss and unit E_B from its gradient (accumulated ``.grad`` left untouched)."""
         with self._first_pass_context(self.config.sync_first_pass):
-            loss = loss_fn()
             wanted = [p for pair in self.factors for p in pair]
-            flat = first_pass_gradients(loss, wanted, self.parameters(), backward_fn)
+            loss, flat = first_pass_gradients(loss_fn, wanted, self.parameters(), backward_fn)
         grads = list(zip(flat[0::2], flat[1::2], strict=True))
         return loss, self._directions(self.factors, grads)
 

@@ -60,8 +60,7 @@ class LoRASAM(Method):
     def _backward(self, loss_fn, backward_fn, **kwargs):
         rng = RngReplay()
         with self._first_pass_context(self.config.sync_first_pass):
-            loss = loss_fn()
-            grads = first_pass_gradients(loss, self.params, self.parameters(), backward_fn)
+            loss, grads = first_pass_gradients(loss_fn, self.params, self.parameters(), backward_fn)
         scale = self.config.rho / (float(global_norm(grads)) + 1e-12)
         saved = snapshot(self.params)
         with torch.no_grad():

@@ -78,8 +78,7 @@ class FullSAM(Method):
         rng = RngReplay()
         sync = self.config.sync_first_pass
         with _peft.patched_base_forward(self._perturbed(probes)), self._first_pass_context(sync):
-            loss = loss_fn()
-            grads = first_pass_gradients(loss, list(probes.values()), self.parameters(), backward_fn)
+            loss, grads = first_pass_gradients(loss_fn, list(probes.values()), self.parameters(), backward_fn)
         if sync:
             grads = _all_reduce_mean(grads)
         scale = self.config.rho / (float(global_norm(grads)) + 1e-12)
