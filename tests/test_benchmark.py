@@ -23,3 +23,24 @@ def test_overhead_benchmark_smoke(tmp_path):
     for spec in specs:
         assert len(rows[spec]["round_means"]) == 2 and all(t > 0 for t in rows[spec]["round_means"])
         assert rows[spec]["time_ratio"] > 0 and rows[spec]["memory_ratio"] is None
+
+
+def test_bi_lora_layer_benchmark_smoke():
+    import bi_lora_layer
+
+    argv = [
+        "--in-features",
+        "8",
+        "--out",
+        "16",
+        "--tokens",
+        "4",
+        "--rank",
+        "2",
+        "--rounds",
+        "1",
+        "--passes",
+        "1",
+    ]
+    result = bi_lora_layer.main(argv)
+    assert result.keys() == {"lora", "two adapters", "fused"} and all(ms > 0 for ms in result.values())
