@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from flatpeft import sharpness as S
+from flatpeft import sharpness_cli as C
 from helpers import (
     assert_bit_identical,
     frozen_state,
@@ -481,10 +482,10 @@ def test_cli_writes_every_requested_metric_and_pictures(run_folder, tmp_path, ca
         for k, v in small_cli_options(run_folder, out).items()
         if k != "progress"
     ]
-    assert main(["sharpness", *flags, "--no-progress", "--metrics", *S.METRICS]) == 0
+    assert main(["sharpness", *flags, "--no-progress", "--metrics", *C.METRICS]) == 0
     printed = capsys.readouterr().out
     data = json.loads((out / "sharpness.json").read_text())
-    assert set(data["results"]) == set(S.METRICS)
+    assert set(data["results"]) == set(C.METRICS)
     assert all(set(by_space) == {"full", "lora"} for by_space in data["results"].values())
     assert data["model"] == "tiny" and data["split"] == "test" and data["n_examples"] == 4
     exp = S.SharpnessResult.from_dict(data["results"]["expected"]["full"])
@@ -496,16 +497,16 @@ def test_cli_writes_every_requested_metric_and_pictures(run_folder, tmp_path, ca
         assert matplotlib.image.imread(out / name).ndim == 3
     table = (out / "sharpness.md").read_text().strip()
     assert table in printed and str(out) in printed
-    assert table.count("\n") == 2 + len(S.METRICS)  # header, rule, clean loss, one row per metric
+    assert table.count("\n") == 2 + len(C.METRICS)  # header, rule, clean loss, one row per metric
 
 
 def test_cli_arguments_reach_run_sharpness_cli(tmp_path):
     parser = argparse.ArgumentParser()
-    S.add_cli_arguments(parser)
+    C.add_cli_arguments(parser)
     args = parser.parse_args(
         ["--adapter", str(tmp_path), "--metrics", "expected", "hessian_trace", "--no-progress"]
     )
-    opts = S._cli_options(args)
+    opts = C._cli_options(args)
     assert opts["metrics"] == ["expected", "hessian_trace"] and opts["progress"] is False
     assert opts["spaces"] == ["full", "lora"] and opts["sigma"] == 0.05
 
@@ -517,12 +518,12 @@ def test_cli_bad_input_names_the_fix_and_writes_nothing(run_folder, tmp_path, ca
     assert main(["sharpness", "--adapter", str(tmp_path), "--out", str(out)]) == 2
     assert "neither a PEFT adapter folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown metric"):
-        S.run_sharpness_cli(small_cli_options(run_folder, out, metrics=["flatness"]))
+        C.run_sharpness_cli(small_cli_options(run_folder, out, metrics=["flatness"]))
     with pytest.raises(ValueError, match="max_examples"):
-        S.run_sharpness_cli(small_cli_options(run_folder, out, max_examples=0))
+        C.run_sharpness_cli(small_cli_options(run_folder, out, max_examples=0))
     three = write_csv(
         tmp_path / "three.csv", labels=("neg", "mid", "pos")
     )  # a 3-way head for a 2-way adapter
     with pytest.raises(ValueError, match="does not fit model"):
-        S.run_sharpness_cli(small_cli_options(run_folder / "adapter", out, data=three))
+        C.run_sharpness_cli(small_cli_options(run_folder / "adapter", out, data=three))
     assert not out.exists()

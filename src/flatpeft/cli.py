@@ -465,17 +465,17 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _configure_sharpness(parser: argparse.ArgumentParser) -> None:
-    from . import sharpness
+    from . import sharpness_cli
 
-    sharpness.add_cli_arguments(parser)
+    sharpness_cli.add_cli_arguments(parser)
 
 
 @command("sharpness", "measure the flatness of a saved adapter (full and LoRA spaces)", _configure_sharpness)
 def run_sharpness(args: argparse.Namespace) -> int:
-    """Run :func:`flatpeft.sharpness.run_sharpness_cli` with the options of ``args``; print the table."""
-    from . import sharpness
+    """Run :func:`flatpeft.sharpness_cli.run_sharpness_cli` with the options of ``args``; print the table."""
+    from . import sharpness_cli
 
-    report = sharpness.run_sharpness_cli(args)
+    report = sharpness_cli.run_sharpness_cli(args)
     print(report["table"])
     files = ["sharpness.json", "sharpness.md", *report["images"]]
     print(f"\nwritten to {report['out']}/: {', '.join(files)}")
