@@ -255,4 +255,4 @@ class FMLoRA(_FullSpace):
             backward_fn(loss_fn())
         finally:
             restore_(self.bs, saved)
-        return loss.detach()
+        return loss  # detached by first_pass_gradients

@@ -72,4 +72,4 @@ class LoRASAM(Method):
             backward_fn(loss_fn())
         finally:
             restore_(self.params, saved)
-        return loss.detach()
+        return loss  # detached by first_pass_gradients

@@ -89,7 +89,7 @@ class FullSAM(Method):
         rng.replay()
         with _peft.patched_base_forward(self._perturbed(eps)):
             backward_fn(loss_fn())
-        return loss.detach()
+        return loss  # detached by first_pass_gradients
 
 
 def _all_reduce_mean(grads: list) -> list:
