@@ -26,13 +26,7 @@ WORDS = {"pos": ["good", "great", "love", "nice"], "neg": ["bad", "awful", "hate
 WORDS["neu"] = ["car", "road", "today", "the"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and least disturbed by other processes) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_csv(path, n=90, seed=0):
