@@ -7,7 +7,14 @@ import weakref
 
 import peft
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import flatpeft
 
@@ -57,6 +64,39 @@ def tiny_gpt2(seed: int = 0, **lora_kwargs) -> peft.PeftModel:
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}
     kwargs.update(lora_kwargs)
     return peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, base_only: bool = False, **lora_kwargs):
+    """A 2-layer LLaMA (hidden 32) with LoRA on every linear layer but the head, B drawn non-zero."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    base = LlamaForCausalLM(cfg).to(dtype)
+    if base_only:
+        return base
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    kwargs.update(lora_kwargs)
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def lm_batch(seed: int = 0, n: int = 8, length: int = 12) -> dict[str, torch.Tensor]:
+    """Random token sequences with every token a label (equal lengths: shard means average exactly)."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    ids = torch.randint(1, VOCAB, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def make_batch(seed: int = 0, n: int = 8, length: int = 12) -> dict[str, torch.Tensor]:

@@ -110,20 +110,28 @@ def test_fused_pass_equals_peft_two_adapter_pass(kind):
     def run(context):
         calls.clear()
         torch.manual_seed(11)
-        with context:
+        with context as unfused:
             loss = model(**batch).loss
         grads = torch.autograd.grad(loss, params)
-        return loss, grads, len(calls)
+        return loss, grads, len(calls), unfused
 
-    loss, grads, n_calls = run(_peft.fused_adapters(method.aux_layers, method.adapter, AUX_ADAPTER))
-    ref_loss, ref_grads, ref_calls = run(
+    loss, grads, n_calls, unfused = run(_peft.fused_adapters(method.aux_layers, method.adapter, AUX_ADAPTER))
+    ref_loss, ref_grads, ref_calls, _ = run(
         _peft.adapters_active(method.aux_layers, [method.adapter, AUX_ADAPTER])
     )
     assert ref_calls == len(method.aux_layers)
     assert n_calls == (0 if fused else ref_calls)  # fused layers never call the auxiliary modules
+    assert len(unfused) == (0 if fused else len(method.aux_layers))
+    # The fused branch trains the auxiliary factors by ascent: their gradient is negated in the graph.
+    ascent = {
+        id(p)
+        for layer in method.aux_layers
+        if layer not in unfused
+        for p in _peft.aux_factors(layer, AUX_ADAPTER)
+    }
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
-    for g, ref in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+    for p, g, ref in zip(params, grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, -ref if id(p) in ascent else ref, rtol=1e-5, atol=1e-6)
     assert all("forward" not in layer.__dict__ for layer in method.aux_layers)
     assert model.active_adapters == ["default"]
 

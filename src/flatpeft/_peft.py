@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._sharded import full, is_sharded, like
+
 __all__ = [
     "Geometry",
     "active_adapter",
@@ -155,7 +157,7 @@ class Geometry:
 
 def _dense_weight(base: nn.Module) -> torch.Tensor | None:
     w = getattr(base, "weight", None)
-    if not isinstance(w, torch.Tensor) or type(w) not in (torch.Tensor, nn.Parameter):
+    if not isinstance(w, torch.Tensor) or (type(w) not in (torch.Tensor, nn.Parameter) and not is_sharded(w)):
         return None  # bitsandbytes / torchao / other quantized storage
     return w if w.is_floating_point() else None
 
@@ -187,8 +189,22 @@ def geometry(layer: nn.Module) -> Geometry:
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor | None:
-    """The base layer's stored float weight, or ``None`` when it is quantized."""
+    """The base layer's stored float weight, or ``None`` when it is quantized (an FSDP2 shard between
+    forward passes, the whole weight inside the sharded block's forward)."""
     return _dense_weight(layer.get_base_layer())
+
+
+def _dequantized(base: nn.Module) -> torch.Tensor:
+    """A quantized base layer's weight in float, by PEFT's helpers.
+
+    bitsandbytes weights go through ``dequantize_bnb_weight`` directly: ``dequantize_module_weight``
+    re-assigns an 8-bit weight on CPU, which drops its scales and breaks the layer's next forward.
+    """
+    from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight
+
+    if type(base.weight).__name__ in ("Params4bit", "Int8Params"):
+        return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
+    return dequantize_module_weight(base)
 
 
 def effective_rows(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tensor:
@@ -196,24 +212,20 @@ def effective_rows(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tenso
 
     ΔW is PEFT's own ``get_delta_weight`` so LoRA variants (rsLoRA scaling) are respected.
     """
-    from peft.utils.integrations import dequantize_module_weight
-
     with torch.no_grad():
         base = layer.get_base_layer()
         w0 = _dense_weight(base)
         if w0 is None:
-            w0 = dequantize_module_weight(base)
+            w0 = _dequantized(base)
         delta = layer.get_delta_weight(adapter)
         return geo.rows(w0.float() + delta.float())
 
 
 def base_rows(layer: nn.Module, geo: Geometry) -> torch.Tensor:
     """The frozen base weight as ``(m, n)`` rows (dequantized if needed; a view when dense)."""
-    from peft.utils.integrations import dequantize_module_weight
-
     base = layer.get_base_layer()
     w0 = _dense_weight(base)
-    return geo.rows(w0 if w0 is not None else dequantize_module_weight(base))
+    return geo.rows(w0 if w0 is not None else _dequantized(base))
 
 
 @torch.no_grad()
@@ -412,6 +424,18 @@ def _fusable(layer: nn.Module, primary: str, aux: str) -> bool:
     return layer.lora_A[primary].weight.dtype == layer.lora_A[aux].weight.dtype
 
 
+class _Ascent(torch.autograd.Function):
+    """Identity forward, negated gradient backward: the factors it wraps are trained by ascent."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.neg()
+
+
 def _fused_forward(
     layer: nn.Module,
     primary: str,
@@ -422,13 +446,14 @@ def _fused_forward(
     **kw,
 ) -> torch.Tensor:
     """``W0·x + [s1·B1, s2·B2]·[A1·dropout(x); A2·x]``: PEFT's two-adapter sum as one rank-(r1+r2)
-    branch (one matmul per side instead of two). Anything unusual takes PEFT's own forward."""
+    branch (one matmul per side instead of two), with the gradient of (B2, A2) negated in the graph.
+    Anything unusual takes PEFT's own forward."""
     if args or kw or layer.disable_adapters or layer.merged or list(layer.active_adapters) != [primary, aux]:
         return original(x, *args, **kw)
     result = layer.base_layer(x)
     result_dtype = result.dtype
-    a1, a2 = layer.lora_A[primary].weight, layer.lora_A[aux].weight
-    b1, b2 = layer.lora_B[primary].weight, layer.lora_B[aux].weight
+    a1, a2 = layer.lora_A[primary].weight, _Ascent.apply(layer.lora_A[aux].weight)
+    b1, b2 = layer.lora_B[primary].weight, _Ascent.apply(layer.lora_B[aux].weight)
     cast = getattr(layer, "_cast_input_dtype", None)
     x = cast(x, a1.dtype) if cast is not None else x.to(a1.dtype)
     dropout = layer.lora_dropout[primary]
@@ -441,13 +466,16 @@ def _fused_forward(
 
 
 @contextlib.contextmanager
-def fused_adapters(layers: list[nn.Module], primary: str, aux: str) -> Iterator[None]:
-    """Within the block, ``layers`` run ``primary`` and ``aux`` together (as :func:`adapters_active`).
+def fused_adapters(layers: list[nn.Module], primary: str, aux: str) -> Iterator[list[nn.Module]]:
+    """Within the block, ``layers`` run ``primary`` and ``aux`` together (as :func:`adapters_active`),
+    ``aux`` trained by gradient ascent; yields the layers whose ``aux`` gradient is NOT negated.
 
     Plain LoRA ``Linear`` layers (``nn.Linear`` or GPT-2 ``Conv1D`` bases; no DoRA, variant or LoRA
     bias) compute both adapters as ONE branch of rank r1 + r2: A = [A1; A2], B = [s1·B1, s2·B2]. This
     is the same function and the same gradients for every factor (up to float summation order) at
-    about half the small-matmul calls. Other layers use PEFT's own multi-adapter forward.
+    about half the small-matmul calls, except that the graph negates the gradient of B2 and A2 (exact,
+    before any accumulation, and on the whole weights an FSDP2-sharded block computes with). The
+    other layers use PEFT's own multi-adapter forward with plain gradients: they are yielded.
     """
     with adapters_active(layers, [primary, aux]):
         patched = []
@@ -456,7 +484,7 @@ def fused_adapters(layers: list[nn.Module], primary: str, aux: str) -> Iterator[
                 if _fusable(layer, primary, aux):
                     layer.forward = functools.partial(_fused_forward, layer, primary, aux, layer.forward)
                     patched.append(layer)
-            yield
+            yield [layer for layer in layers if layer not in patched]
         finally:
             for layer in patched:
                 del layer.forward
@@ -549,8 +577,10 @@ def add_rank_scale_hook(
 
 @torch.no_grad()
 def fold_rank_scale_(layer: nn.Module, adapter: str, scale: torch.Tensor) -> None:
-    """B ← B·diag(scale) in place: a stock LoRA adapter equal to B·diag(scale)·A (scaling unchanged)."""
+    """B ← B·diag(scale) in place: a stock LoRA adapter equal to B·diag(scale)·A (scaling unchanged).
+    An FSDP2-sharded B is scaled whole and written back with its placement."""
     b = layer.lora_B[adapter].weight
     shape = [1] * b.dim()
     shape[1] = -1
-    b.mul_(scale.to(device=b.device, dtype=b.dtype).view(shape))
+    whole = full(b)
+    b.copy_(like(whole * scale.to(device=whole.device, dtype=b.dtype).view(shape), b))

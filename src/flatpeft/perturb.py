@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ._peft import Geometry
+from ._sharded import sum_squares
 
 __all__ = [
     "RngReplay",
@@ -139,11 +140,8 @@ def restore_(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> N
 
 
 def global_norm(tensors: Iterable[torch.Tensor | None]) -> torch.Tensor:
-    """sqrt(Σ ‖t‖²) over the non-``None`` tensors, in fp32."""
-    sq = [t.detach().float().pow(2).sum() for t in tensors if t is not None]
-    if not sq:
-        return torch.zeros(())
-    return torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
+    """sqrt(Σ ‖t‖²) over the non-``None`` tensors, in fp32; FSDP2 shards are reduced over all ranks."""
+    return sum_squares(tensors).sqrt()
 
 
 def gram_fro_sq(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

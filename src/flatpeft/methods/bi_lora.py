@@ -29,9 +29,13 @@ layers keep PEFT's forward.
 
 Pitfalls handled here:
 
-- Gradient accumulation: the ascent must use the step's accumulated gradient. A tensor hook negates
-  each backward's contribution to the auxiliary gradient *before* it is accumulated, so ``.grad``
-  ends as −Σ_micro-batches g and earlier contributions are never negated twice.
+- Gradient accumulation: the ascent must use the step's accumulated gradient. Each backward's
+  contribution to the auxiliary gradient is negated *before* it is accumulated (in the fused graph,
+  or by a tensor hook on layers PEFT runs), so ``.grad`` ends as −Σ_micro-batches g and earlier
+  contributions are never negated twice.
+- FSDP2: attach before ``fully_shard`` (the auxiliary adapter is sharded with the model). The fused
+  graph negates the gradient of the whole factors the sharded block computes with, the clipping norms
+  are taken over the gathered factors and the rescaling is applied shard by shard.
 - Weight decay would pull the perturbation towards 0: :meth:`BiLoRA.no_decay_parameters` lists the
   auxiliary factors (``FlatTrainer`` and ``param_groups`` put them in a group with decay 0; in a plain
   loop use ``AdamW(method.param_groups(wd), lr=...)``). They use the same learning rate as the primary.
@@ -55,6 +59,7 @@ from typing import Any, Literal
 import torch
 
 from .. import _peft
+from .._sharded import full, like, local, model_is_sharded
 from ..config import MethodConfig, option
 from ..method import Method
 from ..perturb import gram_fro_sq, mix_seed
@@ -98,12 +103,25 @@ class BiLoRA(Method):
     )
 
     def _setup(self) -> None:
+        if model_is_sharded(self.model):
+            raise ValueError(
+                "bi_lora adds an auxiliary adapter, which must be sharded with the model: attach bi_lora "
+                "before fully_shard / flatpeft.integrations.fsdp.shard_model"
+            )
         self.aux_name = AUX_ADAPTER
         self.aux_layers = _peft.add_aux_adapter(self.model, self.adapter, self.aux_name, self.config.aux_r)
-        self.factors = [_peft.aux_factors(layer, self.aux_name) for layer in self.aux_layers]
-        self.aux_params = _peft.aux_parameters(self.aux_layers, self.aux_name)
         self.scalings = [_peft.scaling(layer, self.aux_name) for layer in self.aux_layers]
         self._init_aux()
+
+    @property
+    def factors(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """``(B2, A2)`` of every layer, read from the layers (FSDP2 replaces parameters when sharding)."""
+        return [_peft.aux_factors(layer, self.aux_name) for layer in self.aux_layers]
+
+    @property
+    def aux_params(self) -> list[torch.nn.Parameter]:
+        """``[B2, A2]`` of every layer, in layer order."""
+        return _peft.aux_parameters(self.aux_layers, self.aux_name)
 
     def _teardown(self) -> None:
         _peft.remove_aux_adapter(self.model, self.aux_name)
@@ -126,9 +144,10 @@ class BiLoRA(Method):
 
     @torch.no_grad()
     def layer_norms(self) -> torch.Tensor:
-        """``(layers,)`` fp32 ‖s2·B2A2‖_F of every layer, by the Gram trick (B2A2 is never formed)."""
+        """``(layers,)`` fp32 ‖s2·B2A2‖_F of every layer, by the Gram trick (B2A2 is never formed);
+        FSDP2-sharded factors are gathered whole (they are small: (m + n)·r2 per layer)."""
         sq = [
-            gram_fro_sq(b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)) * (s * s)
+            gram_fro_sq(full(b).reshape(b.shape[0], -1), full(a).reshape(a.shape[0], -1)) * (s * s)
             for (b, a), s in zip(self.factors, self.scalings, strict=True)
         ]
         device = sq[0].device
@@ -152,9 +171,9 @@ class BiLoRA(Method):
             return
         c, rho = self._constraint_norms(), self.config.rho
         factors = torch.where(c > rho, (rho / c).sqrt(), torch.ones_like(c))  # a tensor: no host sync
-        for f, (b, a) in zip(factors, self.factors, strict=True):
-            b.mul_(f.to(b.device, b.dtype))
-            a.mul_(f.to(a.device, a.dtype))
+        for f, (b, a) in zip(factors, self.factors, strict=True):  # elementwise: shard by shard
+            local(b).mul_(f.to(b.device, b.dtype))
+            local(a).mul_(f.to(a.device, a.dtype))
 
     @torch.no_grad()
     def _init_aux(self) -> None:
@@ -185,9 +204,20 @@ class BiLoRA(Method):
         for p in self.aux_params:  # a model-level set_adapter() elsewhere may have frozen them
             p.requires_grad_(True)
         # Primary first: DoRA rescales the running output it is given, the auxiliary term is added after.
-        with _peft.fused_adapters(self.aux_layers, self.adapter, self.aux_name):
-            # Ascent: negate each backward's contribution before it is accumulated into .grad.
-            handles = [p.register_hook(torch.neg) for p in self.aux_params]
+        # Fused layers negate the auxiliary gradient in the graph; the others (DoRA, embeddings, ...)
+        # negate each backward's contribution with a tensor hook before it is accumulated into .grad.
+        with _peft.fused_adapters(self.aux_layers, self.adapter, self.aux_name) as unfused:
+            if unfused and model_is_sharded(self.model):
+                raise ValueError(
+                    f"bi_lora under FSDP2 needs plain LoRA Linear layers; {type(unfused[0]).__name__} "
+                    "layers (DoRA, embeddings, convolutions) run PEFT's forward, whose sharded parameters "
+                    "take no gradient hooks: exclude them from target_modules, or train with DDP"
+                )
+            handles = [
+                p.register_hook(torch.neg)
+                for layer in unfused
+                for p in _peft.aux_factors(layer, self.aux_name)
+            ]
             try:
                 loss = loss_fn()
                 backward_fn(loss)
@@ -199,7 +229,7 @@ class BiLoRA(Method):
     # -- exact resume -------------------------------------------------------------------------------
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"aux": [p.detach().clone() for p in self.aux_params]}
+        return {"aux": [full(p.detach()).clone() for p in self.aux_params]}
 
     @torch.no_grad()
     def _load_extra_state(self, state: dict[str, Any]) -> None:
@@ -213,7 +243,7 @@ class BiLoRA(Method):
                 "aux_r); attach to the same model with the same configuration"
             )
         for p, t in zip(self.aux_params, saved, strict=True):
-            p.copy_(t)
+            p.copy_(like(t.to(p.device, p.dtype), p))
 
 
 def _uniform(shape: torch.Size, fan_in: int, gen: torch.Generator) -> torch.Tensor:

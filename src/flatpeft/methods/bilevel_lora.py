@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 from .. import _peft
+from .._sharded import full, like, model_is_sharded
 from ..config import MethodConfig, option
 from ..method import Method
 from ..perturb import RngReplay, global_norm, restore_, snapshot
@@ -206,13 +207,11 @@ class BilevelLoRA(Method):
     def _setup(self) -> None:
         for name, layer in self.layers:
             _peft.check_rank_scalable(name, layer, self.adapter)
-        self.factors = [_peft.rank_factors(layer, self.adapter) for _, layer in self.layers]
         if not all(a.requires_grad and b.requires_grad for a, b in self.factors):
             raise ValueError(
                 f"adapter {self.adapter!r} is not trainable; call model.train() / set_adapter first"
             )
-        self.lower = [p for p in self.model.parameters() if p.requires_grad]
-        self._factor_by_id = {id(p): p for pair in self.factors for p in pair}
+        self._lower_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         start = 1.0 if self.config.g == "identity" else 0.0  # λ₀
         self.lambdas = [nn.Parameter(_full(a, start)) for a, _ in self.factors]
         self._g = _G[self.config.g]
@@ -228,6 +227,17 @@ class BilevelLoRA(Method):
         ]
 
     # -- the pseudo-SVD adapter ---------------------------------------------------------------------
+
+    @property
+    def factors(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """``(A, B)`` = (Q, P) of every layer, read from the layers (FSDP2 replaces parameters)."""
+        return [_peft.rank_factors(layer, self.adapter) for _, layer in self.layers]
+
+    @property
+    def lower(self) -> list[nn.Parameter]:
+        """V: the parameters that were trainable at attach (P, Q, any head), looked up by name."""
+        named = dict(self.model.named_parameters())
+        return [named[n] for n in self._lower_names]
 
     def rank_scale(self, index: int) -> torch.Tensor | None:
         """g̃(λ) = g(λ)/g(λ₀) of layer ``index`` (``None`` while folded into B)."""
@@ -280,15 +290,16 @@ class BilevelLoRA(Method):
 
     @contextlib.contextmanager
     def _lambda_only(self) -> Iterator[None]:
-        flags = [p.requires_grad for p in self.lower]
-        for p in self.lower:
+        lower = self.lower
+        flags = [p.requires_grad for p in lower]
+        for p in lower:
             p.requires_grad_(False)
         self._live = True
         try:
             yield
         finally:
             self._live = False
-            for p, flag in zip(self.lower, flags, strict=True):
+            for p, flag in zip(lower, flags, strict=True):
                 p.requires_grad_(flag)
 
     def _backward(self, loss_fn, backward_fn, upper_loss_fn=None, **kwargs):
@@ -328,6 +339,12 @@ class BilevelLoRA(Method):
         )
 
     def _darts(self, loss_fn, upper_loss_fn, backward_fn):
+        if model_is_sharded(self.model):
+            raise ValueError(
+                "bilevel_lora with hypergradient='darts' differentiates the loss with respect to the "
+                "parameters (torch.autograd.grad), which FSDP2's sharded parameters do not receive; use "
+                "hypergradient='first_order' under FSDP, or train with DDP"
+            )
         xi, V, lams = self._xi(), self.lower, self.lambdas
         penalty = self._penalty_grads()
         rng = RngReplay()
@@ -389,9 +406,9 @@ class BilevelLoRA(Method):
         if self.config.gamma == 0.0:
             return {}
         out = {}
-        for a, b in self.factors:
-            ga, gb = orthogonality_grads(a, b)
-            out[id(a)], out[id(b)] = ga.mul_(self.config.gamma), gb.mul_(self.config.gamma)
+        for a, b in self.factors:  # FSDP2 shards: the penalty of the whole factors, placed like them
+            ga, gb = orthogonality_grads(full(a), full(b))
+            out[id(a)], out[id(b)] = like(ga.mul_(self.config.gamma), a), like(gb.mul_(self.config.gamma), b)
         return out
 
     @torch.no_grad()
@@ -406,8 +423,9 @@ class BilevelLoRA(Method):
             return
         for lam in self.lambdas:
             lam.grad = None
+        factor_by_id = {id(p): p for pair in self.factors for p in pair}
         for p_id, g in self._penalty_grads().items():
-            p = self._factor_by_id[p_id]
+            p = factor_by_id[p_id]
             p.grad = g if p.grad is None else p.grad.add_(g)
 
     def _teardown(self) -> None:
@@ -421,7 +439,7 @@ class BilevelLoRA(Method):
 
     def _extra_state(self) -> dict[str, Any]:
         bs = self._training_b if self._folded and self._training_b else [b for _, b in self.factors]
-        return {"lambda": snapshot(self.lambdas), "lora_B": snapshot(bs)}
+        return {"lambda": snapshot(self.lambdas), "lora_B": snapshot(full(b) for b in bs)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         lams, bs = state.get("lambda", []), state.get("lora_B", [])
@@ -432,4 +450,4 @@ class BilevelLoRA(Method):
                 "bilevel_lora state was saved for other adapted layers or ranks; attach to the same "
                 "PEFT model (same LoraConfig) before load_state_dict"
             )
-        restore_(mine, [t.to(p.device, p.dtype) for t, p in zip(theirs, mine, strict=True)])
+        restore_(mine, [like(t.to(p.device, p.dtype), p) for t, p in zip(theirs, mine, strict=True)])

@@ -96,7 +96,7 @@ class FlatLoRA(Method):
             if weight is not None and weight.requires_grad:
                 raise ValueError(f"{name}: flat_lora expects a frozen base weight; set requires_grad=False")
         self._std_step = -1
-        self._stds: list[torch.Tensor] = []
+        self._stds: list[torch.Tensor | None] = []
 
     def strength(self) -> dict[str, float]:
         return {"sigma": self.sigma_t()}
@@ -106,17 +106,23 @@ class FlatLoRA(Method):
         c = self.config
         return noise_scale(c.sigma, c.schedule, self.step, c.total_steps)
 
-    @torch.no_grad()
     def row_stds(self) -> list[torch.Tensor]:
-        """Per-layer ``(m,)`` noise std σ_t‖W'_i‖/√n, computed once per optimizer step."""
+        """Per-layer ``(m,)`` noise std σ_t‖W'_i‖/√n of the current optimizer step (unsharded model)."""
+        return [self._row_std(i) for i in range(len(self.layers))]
+
+    @torch.no_grad()
+    def _row_std(self, index: int) -> torch.Tensor:
+        """σ_t‖W'_i‖/√n of layer ``index``, computed once per optimizer step from the weights at its
+        start. Called inside the layer's forward, where an FSDP2-sharded weight is whole, and outside
+        autocast, so sharded, checkpointed and mixed-precision runs see the same norms."""
         if self._std_step != self.step:
-            sigma = self.sigma_t()
-            self._stds = [
-                _peft.effective_row_norms(layer, geo, self.adapter).mul_(sigma / math.sqrt(geo.n))
-                for (_, layer), geo in zip(self.layers, self.geos, strict=True)
-            ]
-            self._std_step = self.step
-        return self._stds
+            self._stds, self._std_step = [None] * len(self.layers), self.step
+        if self._stds[index] is None:
+            layer, geo = self.layers[index][1], self.geos[index]
+            with torch.autocast(geo.base.weight.device.type, enabled=False):
+                norms = _peft.effective_row_norms(layer, geo, self.adapter)
+            self._stds[index] = norms.mul_(self.sigma_t() / math.sqrt(geo.n))
+        return self._stds[index]
 
     def _layer_seed(self, index: int) -> int:
         rank = 0
@@ -128,12 +134,13 @@ class FlatLoRA(Method):
             rank = torch.distributed.get_rank()
         return mix_seed(self.config.seed, self.step, index, rank)
 
-    def _patch(self, index: int, layer, std: torch.Tensor):
+    def _patch(self, index: int, layer):
         geo = self.geos[index]
         seed = self._layer_seed(index)
         keep = self.config.noise_memory == "keep"
 
         def forward(x, original):
+            std = self._row_std(index)
             weight = _peft.dense_weight(layer)
             if weight is None:  # quantized base: add op(x, ε) to the base layer's own output
                 return original(x) + noisy_base_op(x, geo, None, None, std, seed, keep)
@@ -146,8 +153,7 @@ class FlatLoRA(Method):
             loss = loss_fn()
             backward_fn(loss)
             return loss.detach()
-        stds = self.row_stds()
-        patches = {layer: self._patch(i, layer, stds[i]) for i, (_, layer) in enumerate(self.layers)}
+        patches = {layer: self._patch(i, layer) for i, (_, layer) in enumerate(self.layers)}
         with _peft.patched_base_forward(patches):
             loss = loss_fn()
             backward_fn(loss)

@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from .. import _peft
+from .._sharded import full, like
 from ..config import MethodConfig, option
 from ..method import Method
 from ..perturb import RngReplay, first_pass_gradients, restore_, snapshot
@@ -192,17 +193,23 @@ def perturbation_directions(
 
 class _FullSpace(Method):
     def _setup(self) -> None:
-        self.factors: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
-        for name, layer in self.layers:
-            a, b = _peft.lora_factors(layer, self.adapter)
+        for (name, _), (a, b) in zip(self.layers, self.factors, strict=True):
             if b.reshape(b.shape[0], -1).shape[1] != a.shape[0]:
                 raise ValueError(
                     f"{self.config.method} needs ΔW = s·B·A, but {name} has A {tuple(a.shape)} and B "
                     f"{tuple(b.shape)} (e.g. a grouped convolution); exclude it from target_modules"
                 )
-            self.factors.append((a, b))
         self.scalings = [_peft.scaling(layer, self.adapter) for _, layer in self.layers]
-        self.bs = [b for _, b in self.factors]
+
+    @property
+    def factors(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """``(A, B)`` of every layer, read from the layers (FSDP2 replaces parameters when sharding)."""
+        return [_peft.lora_factors(layer, self.adapter) for _, layer in self.layers]
+
+    @property
+    def bs(self) -> list[torch.nn.Parameter]:
+        """B of every layer."""
+        return [b for _, b in self.factors]
 
     def rho_t(self) -> float:
         """ρ_t at the current optimizer step."""
@@ -213,6 +220,10 @@ class _FullSpace(Method):
         return {"rho": self.rho_t()}
 
     def _directions(self, factors, grads) -> list[torch.Tensor]:
+        """Unit E_B per layer; FSDP2-sharded factors and gradients are gathered whole first (the LoRA
+        factors are small), so every rank computes exactly the unsharded directions."""
+        factors = [(full(a), full(b)) for a, b in factors]
+        grads = [(full(ga), full(gb)) for ga, gb in grads]
         return perturbation_directions(factors, grads, self.scalings, self.config.norm, self.config.damping)
 
     def _clean_directions(self, loss_fn, backward_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -234,7 +245,7 @@ class _FullSpace(Method):
     @torch.no_grad()
     def _shift_b(self, directions: list[torch.Tensor], rho: float) -> None:
         for b, e in zip(self.bs, directions, strict=True):
-            b.add_(e.reshape(b.shape), alpha=rho)
+            b.add_(like(e.reshape(b.shape), b), alpha=rho)
 
 
 @register

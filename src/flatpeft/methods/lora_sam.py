@@ -51,25 +51,27 @@ class LoRASAM(Method):
     paper = "Sharpness-Aware Minimization (Foret et al., 2021) arXiv:2010.01412, on LoRA parameters"
     passes = 2
 
-    def _setup(self) -> None:
-        self.params = _peft.adapter_parameters(self.layers, self.adapter)
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The LoRA parameters, read from the layers (so a model sharded after attach is seen)."""
+        return _peft.adapter_parameters(self.layers, self.adapter)
 
     def strength(self) -> dict[str, float]:
         return {"rho": self.config.rho}
 
     def _backward(self, loss_fn, backward_fn, **kwargs):
-        rng = RngReplay()
+        rng, params = RngReplay(), self.params
         with self._first_pass_context(self.config.sync_first_pass):
-            loss, grads = first_pass_gradients(loss_fn, self.params, self.parameters(), backward_fn)
+            loss, grads = first_pass_gradients(loss_fn, params, self.parameters(), backward_fn)
         scale = self.config.rho / (float(global_norm(grads)) + 1e-12)
-        saved = snapshot(self.params)
+        saved = snapshot(params)
         with torch.no_grad():
-            for p, g in zip(self.params, grads, strict=True):
+            for p, g in zip(params, grads, strict=True):
                 if g is not None:
                     p.add_(g.to(p.dtype), alpha=scale)
         try:
             rng.replay()
             backward_fn(loss_fn())
         finally:
-            restore_(self.params, saved)
+            restore_(params, saved)
         return loss  # detached by first_pass_gradients

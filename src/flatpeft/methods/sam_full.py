@@ -64,9 +64,12 @@ class FullSAM(Method):
     def _perturbed(self, deltas: dict) -> dict:
         def make(layer, delta):
             geo = self.geos[layer]
-            w = geo.rows(_peft.dense_weight(layer))
-            bias = _peft.base_bias(layer)
-            return lambda x, _orig: geo.apply(x, w + delta.to(w.dtype), bias)
+
+            def forward(x, _orig):  # the weight is read here: whole inside an FSDP2-sharded block
+                w = geo.rows(_peft.dense_weight(layer))
+                return geo.apply(x, w + delta.to(w.dtype), _peft.base_bias(layer))
+
+            return forward
 
         return {layer: make(layer, d) for layer, d in deltas.items()}
 

@@ -1,0 +1,73 @@
+"""Worker for tests/test_fsdp.py: ``torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT SPEC...``.
+
+Each rank trains every listed method spec on its half of the same batches through a tiny LLaMA
+sharded with FSDP2 (``fully_shard`` per decoder layer, then the model; gloo, CPU) and saves the
+whole adapter, the method's state and whether the frozen weights stayed bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import flatpeft
+from ddp_worker import parse, shard
+from flatpeft._sharded import full
+from flatpeft.integrations.fsdp import shard_model
+from helpers import defaults_for, lm_batch, tiny_llama
+
+STEPS, BATCH = 3, 8
+
+
+def run(spec: str, model, rank: int = 0, world: int = 1, sharded: bool = False):
+    """Train ``spec`` for STEPS AdamW steps on shard ``rank`` of the fixed batches; return the method."""
+    name, options = parse(spec)
+    method = flatpeft.attach(model, name, **defaults_for(name, total_steps=STEPS + 1, **options))
+    if sharded:
+        shard_model(model)
+    optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
+    method.bind(optimizer)
+    for step in range(STEPS):
+        batch = shard(lm_batch(step, n=BATCH), rank, world)
+        upper = shard(lm_batch(50 + step, n=BATCH), rank, world)
+        extra = {"upper_loss_fn": lambda u=upper: model(**u).loss} if method.needs_upper_loss else {}
+        method.backward(lambda b=batch: model(**b).loss, **extra)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return method
+
+
+def whole(model, trainable: bool) -> dict[str, torch.Tensor]:
+    """Every (trainable or frozen) parameter as a whole tensor (gathered when sharded)."""
+    return {n: full(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad == trainable}
+
+
+def main(out: str, specs: list[str]) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    for spec in specs:
+        model = tiny_llama()
+        frozen = whole(model, trainable=False)
+        try:
+            method = run(spec, model, rank, world, sharded=True)
+        except (ValueError, TypeError) as e:  # a method that refuses sharding must say so clearly
+            torch.save({"error": str(e)}, os.path.join(out, f"{spec}-rank{rank}.pt"))
+            continue
+        untouched = all(torch.equal(frozen[k], v) for k, v in whole(model, trainable=False).items())
+        state = method.state_dict()
+        adapter = whole(model, trainable=True)
+        method.detach()
+        result = {"adapter": adapter, "frozen_untouched": untouched, "state": state}
+        torch.save(result, os.path.join(out, f"{spec}-rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

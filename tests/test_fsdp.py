@@ -1,0 +1,59 @@
+"""Every registered method under FSDP2 (``fully_shard``; DTensor parameters and gradients): 2 CPU
+ranks (gloo) launched by torchrun compute what one unsharded process computes on the whole batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flatpeft
+from fsdp_worker import run, whole
+from helpers import tiny_llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Non-default options whose sharded path differs from the default's.
+VARIANTS = ["flat_lora:noise_memory=keep", "bi_lora:clip=layer", "fm_lora:norm=global"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("fsdp")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    specs = [*flatpeft.list_methods(), *VARIANTS]
+    cmd = [*launcher, *rendezvous, os.path.join(HERE, "fsdp_worker.py"), str(out), *specs]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return str(out)
+
+
+def _load(out: str, spec: str, rank: int) -> dict:
+    return torch.load(os.path.join(out, f"{spec}-rank{rank}.pt"), weights_only=False)
+
+
+@pytest.mark.parametrize("spec", [*flatpeft.list_methods(), *VARIANTS])
+def test_two_sharded_ranks_equal_one_process(fsdp_results, spec):
+    r0, r1 = _load(fsdp_results, spec, 0), _load(fsdp_results, spec, 1)
+    assert "error" not in r0, r0.get("error")
+    assert r0["frozen_untouched"] and r1["frozen_untouched"]
+    model = tiny_llama()
+    method = run(spec, model)
+    single = whole(model, trainable=True)  # auxiliary adapters included, as in the worker
+    assert r0["adapter"].keys() == single.keys()
+    for k in single:
+        torch.testing.assert_close(r0["adapter"][k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(r1["adapter"][k], r0["adapter"][k], rtol=0, atol=0, msg=k)
+    assert method.state_dict()["step"] == r0["state"]["step"] == 3
