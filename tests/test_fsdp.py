@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flatpeft
-from fsdp_worker import run, whole
+from fsdp_worker import run, tensors, whole
 from helpers import tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +49,7 @@ def test_two_sharded_ranks_equal_one_process(fsdp_results, spec):
     r0, r1 = _load(fsdp_results, spec, 0), _load(fsdp_results, spec, 1)
     assert "error" not in r0, r0.get("error")
     assert r0["frozen_untouched"] and r1["frozen_untouched"]
+    assert r0["bf16_frozen_untouched"] and r1["bf16_frozen_untouched"]
     model = tiny_llama()
     method = run(spec, model)
     single = whole(model, trainable=True)  # auxiliary adapters included, as in the worker
@@ -56,4 +57,9 @@ def test_two_sharded_ranks_equal_one_process(fsdp_results, spec):
     for k in single:
         torch.testing.assert_close(r0["adapter"][k], single[k], rtol=1e-4, atol=1e-6, msg=k)
         torch.testing.assert_close(r1["adapter"][k], r0["adapter"][k], rtol=0, atol=0, msg=k)
-    assert method.state_dict()["step"] == r0["state"]["step"] == 3
+    # The method's state is gathered to whole tensors, equals one process's, and loads back sharded.
+    assert not r0["state_sharded"] and r0["state_reloads"] and r1["state_reloads"]
+    ours, theirs = tensors(method.state_dict()), tensors(r0["state"])
+    assert len(ours) == len(theirs) and method.state_dict()["step"] == r0["state"]["step"] == 3
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
