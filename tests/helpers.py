@@ -66,13 +66,16 @@ def tiny_gpt2(seed: int = 0, **lora_kwargs) -> peft.PeftModel:
     return peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, base_only: bool = False, **lora_kwargs):
-    """A 2-layer LLaMA (hidden 32) with LoRA on every linear layer but the head, B drawn non-zero."""
+def tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, base_only: bool = False, hidden: int = 32, **lora_kwargs
+):
+    """A 2-layer LLaMA with LoRA on every linear layer but the head, B drawn non-zero (bitsandbytes'
+    CPU 4-bit kernels need ``hidden >= 64``)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
@@ -80,11 +83,15 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, base_only: boo
         tie_word_embeddings=False,
     )
     base = LlamaForCausalLM(cfg).to(dtype)
-    if base_only:
-        return base
+    return base if base_only else with_lora(base, **lora_kwargs)
+
+
+def with_lora(base, **lora_kwargs) -> peft.PeftModel:
+    """``base`` with LoRA (r 4) on every linear layer but the head, B drawn non-zero (seeded)."""
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
     kwargs.update(lora_kwargs)
     model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    torch.manual_seed(123)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

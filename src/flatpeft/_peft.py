@@ -8,6 +8,7 @@ helpers below (active adapter, adapter parameters, effective weight, base-forwar
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -199,11 +200,20 @@ def _dequantized(base: nn.Module) -> torch.Tensor:
 
     bitsandbytes weights go through ``dequantize_bnb_weight`` directly: ``dequantize_module_weight``
     re-assigns an 8-bit weight on CPU, which drops its scales and breaks the layer's next forward.
+    A 4-bit weight that bitsandbytes repacked for its CPU kernels (it does so on an inference
+    forward) is unpacked from a copy of its quantization state first, so the layer is left as it was.
     """
     from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight
 
-    if type(base.weight).__name__ in ("Params4bit", "Int8Params"):
-        return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
+    weight = base.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit" and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes import functional as bnb_f
+
+        data, state = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(weight.quant_state))
+        return bnb_f.dequantize_4bit(data, state)
+    if kind in ("Params4bit", "Int8Params"):
+        return dequantize_bnb_weight(weight, state=getattr(base, "state", None))
     return dequantize_module_weight(base)
 
 

@@ -44,12 +44,14 @@ class Method:
 
     - ``passes``: forward/backward passes per ``backward`` call.
     - ``needs_upper_loss``: ``backward`` also takes ``upper_loss_fn`` (a loss on a second data split).
+    - ``needs_dense_base``: refuses quantized base layers (it perturbs the dense weight itself).
     """
 
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     paper: ClassVar[str] = ""
     passes: ClassVar[int] = 1
     needs_upper_loss: ClassVar[bool] = False
+    needs_dense_base: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: MethodConfig) -> None:
         if not isinstance(config, self.config_class):

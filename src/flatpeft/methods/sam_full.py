@@ -48,6 +48,7 @@ class FullSAM(Method):
     config_class = FullSAMConfig
     paper = "Sharpness-Aware Minimization (Foret et al., 2021) arXiv:2010.01412, on full weights"
     passes = 2
+    needs_dense_base = True
 
     def _setup(self) -> None:
         self.geos = {layer: _peft.geometry(layer) for _, layer in self.layers}
