@@ -27,12 +27,12 @@ def shard(batch: dict, rank: int, world: int) -> dict:
 
 
 def parse(spec: str) -> tuple[str, dict]:
-    """``"flat_lora:noise=per_rank"`` -> ("flat_lora", {"noise": "per_rank"}) (values: bool/float/str)."""
+    """``"flat_lora:noise=per_rank"`` -> ("flat_lora", {"noise": "per_rank"}) (values: bool/int/str)."""
     name, _, opts = spec.partition(":")
     out = {}
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
-        out[key] = {"true": True, "false": False}.get(value, value)
+        out[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
     return name, out
 
 

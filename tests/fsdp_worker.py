@@ -27,12 +27,17 @@ STEPS, BATCH = 3, 8
 
 
 def run(spec: str, model, rank: int = 0, world: int = 1, sharded: bool = False):
-    """Train ``spec`` for STEPS AdamW steps on shard ``rank`` of the fixed batches; return the method."""
+    """Train ``spec`` for STEPS SGD steps on shard ``rank`` of the fixed batches; return the method.
+
+    Plain SGD: the update is the gradient itself, so comparing updates compares gradients (an adaptive
+    optimizer would magnify float noise in entries whose gradient is near zero).
+    """
     name, options = parse(spec)
     method = flatpeft.attach(model, name, **defaults_for(name, total_steps=STEPS + 1, **options))
+    method.initial = whole(model, trainable=True)
     if sharded:
         shard_model(model)
-    optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
+    optimizer = torch.optim.SGD(method.param_groups(0.0), lr=0.5)
     method.bind(optimizer)
     for step in range(STEPS):
         batch = shard(lm_batch(step, n=BATCH), rank, world)
@@ -95,6 +100,7 @@ def main(out: str, specs: list[str]) -> None:
         adapter = whole(model, trainable=True)
         method.detach()
         result = {
+            "initial": method.initial,
             "adapter": adapter,
             "frozen_untouched": untouched,
             "bf16_frozen_untouched": frozen_untouched(spec, rank, world, torch.bfloat16),

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import _peft
+from ._sharded import model_is_sharded
 from .config import MethodConfig
 
 __all__ = ["LossFn", "Method", "attach"]
@@ -213,7 +214,15 @@ class Method:
         Synchronised (the default), every rank perturbs along the all-reduced gradient, identically;
         unsynchronised, each rank perturbs along its own shard's gradient (the second pass is always
         synchronised, so the adapters stay identical across ranks either way).
+
+        Raises:
+            ValueError: unsynchronised on an FSDP2-sharded model, whose backward always reduce-scatters.
         """
+        if not sync and model_is_sharded(self.model):
+            raise ValueError(
+                f"{self.config.method}: sync_first_pass=False needs DDP's no_sync(); under FSDP2 every "
+                "backward reduce-scatters the gradient over ranks. Keep the default sync_first_pass=True"
+            )
         no_sync = getattr(self.wrapper, "no_sync", None)
         return contextlib.nullcontext() if sync or no_sync is None else no_sync()
 
