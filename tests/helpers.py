@@ -67,8 +67,12 @@ def tiny_gpt2(seed: int = 0, **lora_kwargs) -> peft.PeftModel:
 
 
 def tiny_llama(
-    seed: int = 0, dtype: torch.dtype = torch.float32, base_only: bool = False, hidden: int = 32, **lora_kwargs
-):
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    base_only: bool = False,
+    hidden: int = 32,
+    **lora_kwargs,
+) -> peft.PeftModel | LlamaForCausalLM:
     """A 2-layer LLaMA with LoRA on every linear layer but the head, B drawn non-zero (bitsandbytes'
     CPU 4-bit kernels need ``hidden >= 64``)."""
     torch.manual_seed(seed)
