@@ -61,7 +61,7 @@ def main() -> dict:
                 "frozen_untouched": sharded["frozen_untouched"],
             }
     result = {
-        "what": "max over adapter tensors of |W_fsdp - W_1proc| / |update_1proc| and / |W_1proc|, 3 SGD steps",
+        "what": "max over adapter tensors of |W_fsdp - W_1proc| / |update_1proc| and / |W_1proc|, 3 SGD",
         "model": "tiny LLaMA (2 layers, hidden 32), LoRA r=4 on all linear layers",
         "ranks": 2,
         "backend": "gloo (CPU)",
