@@ -249,17 +249,20 @@ def test_fm_lora_from_peft_zero_init_b():
 # -- eflat_lora: the EMA ------------------------------------------------------------------------------
 
 
-def test_eflat_lora_ema_recurrence_over_three_steps_with_accumulation():
+@pytest.mark.parametrize("schedule", ["inv_sqrt", "constant"])
+def test_eflat_lora_ema_recurrence_over_three_steps_with_accumulation(schedule):
+    """Algorithm 2: step 1 is a clean LoRA step and sets Ê = E from its gradient; every later step
+    takes the gradient at B + ρ_t·Ê and averages Ê ← (1 − β)Ê + βE."""
     rho, beta, lr, steps = 0.1, 0.9, 0.05, 3
     micro = [[make_batch(2 * t), make_batch(2 * t + 1)] for t in range(steps)]
 
     model = tiny_bert()
-    method = flatpeft.attach(model, "eflat_lora", rho=rho, beta=beta)
+    method = flatpeft.attach(model, "eflat_lora", rho=rho, beta=beta, rho_schedule=schedule)
     opt = torch.optim.SGD(method.parameters(), lr=lr)
     method.bind(opt)
     emas = []
     for t in range(steps):
-        for i, batch in enumerate(micro[t]):
+        for batch in micro[t]:
             calls = []
 
             def loss_fn(batch=batch, calls=calls):
@@ -267,7 +270,7 @@ def test_eflat_lora_ema_recurrence_over_three_steps_with_accumulation():
                 return model(**batch).loss
 
             method.backward(loss_fn)
-            assert len(calls) == (2 if t == i == 0 else 1)  # one extra clean pass, once per run
+            assert len(calls) == 1  # one pass, the first step included
         opt.step()
         opt.zero_grad()
         emas.append([u.clone() for u in method.state_dict()["extra"]["ema"]])
@@ -275,16 +278,14 @@ def test_eflat_lora_ema_recurrence_over_three_steps_with_accumulation():
     # the same run by hand, with the paper's formulas in fp64
     twin = tiny_bert()
     factors, scalings = _model_factors(twin)
-    params = [p for pair in factors for p in pair]
-    flat = torch.autograd.grad(twin(**micro[0][0]).loss, params)
-    u, _ = _reference(factors, list(zip(flat[0::2], flat[1::2], strict=True)), scalings)
-    first = [x.clone() for x in u]
+    u = None
     twin_opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=lr)
     for t in range(steps):
+        rho_t = rho / math.sqrt(t + 1) if schedule == "inv_sqrt" else rho
         saved = [b.detach().clone() for _, b in factors]
         with torch.no_grad():
-            for (_, b), x in zip(factors, u, strict=True):
-                b.add_(rho * x.float())
+            for (_, b), x in zip(factors, u, strict=True) if u is not None else []:  # step 1: clean
+                b.add_(rho_t * x.float())
         for batch in micro[t]:
             twin(**batch).loss.backward()  # accumulated over the step's micro-batches
         fresh, _ = _reference(factors, [(a.grad, b.grad) for a, b in factors], scalings)
@@ -293,7 +294,9 @@ def test_eflat_lora_ema_recurrence_over_three_steps_with_accumulation():
                 b.copy_(s)
         twin_opt.step()
         twin_opt.zero_grad()
-        u = [(1 - beta) * x + beta * e for x, e in zip(u, fresh, strict=True)]
+        u = fresh if u is None else [(1 - beta) * x + beta * e for x, e in zip(u, fresh, strict=True)]
+        if t == 0:
+            first = [x.clone() for x in u]
         for got, want in zip(emas[t], u, strict=True):
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
     assert all(not torch.allclose(x, y) for x, y in zip(first, u, strict=True))
@@ -306,6 +309,8 @@ def test_eflat_lora_state_holds_the_ema_and_rejects_another_model():
     method = flatpeft.attach(model, "eflat_lora")
     assert method.state_dict()["extra"]["ema"] is None
     method.backward(lambda: model(**make_batch(0)).loss)
+    assert method.state_dict()["extra"]["ema"] is None  # set after the first optimizer step
+    method.after_step()
     state = method.state_dict()
     shapes = [tuple(b.reshape(b.shape[0], -1).shape) for _, b in method.factors]
     assert [tuple(u.shape) for u in state["extra"]["ema"]] == shapes
@@ -322,8 +327,13 @@ def test_rho_schedules_and_config_errors():
     assert rho_at(0.1, "cosine", 0, 10) == pytest.approx(0.1)
     assert rho_at(0.1, "cosine", 5, 10) == pytest.approx(0.05)
     assert rho_at(0.1, "cosine", 12, 10) == pytest.approx(0.0)
+    # ρ_t = ρ₀/√t for the paper's t = 1, 2, ... (0-based optimizer steps 0, 1, ...): no lag at the start
     assert rho_at(0.1, "inv_sqrt", 0, None) == 0.1
-    assert rho_at(0.1, "inv_sqrt", 16, None) == pytest.approx(0.025)
+    assert rho_at(0.1, "inv_sqrt", 1, None) == pytest.approx(0.1 / math.sqrt(2))
+    assert rho_at(0.1, "inv_sqrt", 4, None) == pytest.approx(0.1 / math.sqrt(5))
+    assert rho_at(0.1, "inv_sqrt", 15, None) == pytest.approx(0.025)
+    for name in ("fm_lora", "eflat_lora"):  # the paper's schedule is the default
+        assert flatpeft.make_config(name).rho_schedule == "inv_sqrt"
     method = flatpeft.attach(tiny_bert(), "eflat_lora", rho=0.2, rho_schedule="cosine", total_steps=4)
     method.step = 3
     assert method.strength() == {"rho": pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))}

@@ -7,11 +7,11 @@ gradient is taken ONCE per step, at (B + ρ_t·Ê_B, A), with the exponential mo
     Ê_B ← (1 − β)·Ê_B + β·E_B,        E_B from that perturbed-point gradient.
 
 Pitfalls and decisions:
+- The first optimizer step (t = 1, paper Algorithm 2) has no Ê_B yet: it is a plain LoRA step on the
+  clean gradient, and after it Ê_B = E_B from that (accumulated) clean gradient, with no averaging.
+  Every later step perturbs by ρ_t·Ê_B and averages.
 - Ê_B is stored for ρ = 1 and ρ_t·Ê_B is applied: the paper's recurrence for constant ρ, and a schedule
-  acts on the radius at once. The first ``backward`` (no Ê_B yet) takes one extra clean gradient of its
-  micro-batch (``perturb.first_pass_gradients``: ``.grad`` untouched, dropout replayed) and sets
-  Ê_B = E_B from it: one extra pass per run. Its returned loss is the perturbed one (clean on that
-  first call).
+  (ρ₀/√t by default) acts on the radius at once.
 - Gradient accumulation: every micro-batch of a step is perturbed by the same Ê_B and the EMA is updated
   once per optimizer step, in the step post-hook, from the accumulated ``.grad`` and the factors it was
   taken at (copies of A and B + Ê_B kept until then). Under DDP the EMA is updated from the all-reduced
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import option
-from ..perturb import RngReplay, restore_, snapshot
+from ..perturb import restore_, snapshot
 from ..registry import register
 from .fm_lora import _FullSpace, _FullSpaceConfig
 
@@ -60,14 +60,9 @@ class EFMLoRA(_FullSpace):
         self._point_step = -1
 
     def _perturbed_backward(self, loss_fn, backward_fn, rho):
-        first = None
-        if self.ema is None:  # first step: Ê_B = E_B from a clean gradient of this micro-batch
-            rng = RngReplay()
-            first, directions = self._clean_directions(loss_fn, backward_fn)
-            self.ema = [e.clone() for e in directions]
-            rng.replay()
-        saved = snapshot(self.bs)
-        self._shift_b(self.ema, rho)
+        saved = snapshot(self.bs) if self.ema is not None else None
+        if saved is not None:  # t = 1 (no Ê_B yet) is a clean step
+            self._shift_b(self.ema, rho)
         try:
             if self._point_step != self.step:  # the point the step's gradient is taken at
                 self._point = (snapshot(a for a, _ in self.factors), snapshot(self.bs))
@@ -75,17 +70,21 @@ class EFMLoRA(_FullSpace):
             loss = loss_fn()
             backward_fn(loss)
         finally:
-            restore_(self.bs, saved)
-        return (first if first is not None else loss).detach()
+            if saved is not None:
+                restore_(self.bs, saved)
+        return loss.detach()
 
     def _after_step(self) -> None:
         point, self._point = self._point, None
-        if point is None or self._point_step != self.step or self.ema is None:
+        if point is None or self._point_step != self.step:
             return
         grads = [(a.grad, b.grad) for a, b in self.factors]
         if all(ga is None and gb is None for ga, gb in grads):
             return
         fresh = self._directions(list(zip(*point, strict=True)), grads)
+        if self.ema is None:  # after the clean first step: Ê_B = E_B (Algorithm 2)
+            self.ema = fresh
+            return
         beta = self.config.beta
         for u, e in zip(self.ema, fresh, strict=True):
             u.lerp_(e, beta)  # (1 − β)·Ê_B + β·E_B

@@ -18,6 +18,9 @@ Implementation, O(r²(m + n)) per layer and no m×n matrix: A⁺ = Aᵀ(AAᵀ + 
 ‖ĝ‖_F² = Σ([∇B, B]ᵀ[∇B, B] ⊙ D·S·Dᵀ) and ĝ·A⁺ = [∇B, B]·D·S[:, :r]·K_A⁻¹.
 
 Pitfalls and decisions:
+- ρ schedule: the paper reduces ρ as training goes and its convergence result (Theorem 2) takes
+  ρ_t = ρ₀/√t, t = 1, 2, ...: the default ``rho_schedule="inv_sqrt"`` (ρ₀ on the first step).
+  ``constant`` and ``cosine`` are options.
 - The sign(·) printed in the paper's Ē_W is a typo: the direction is ĝ itself.
 - B = 0 (PEFT's initialisation) makes ∇A = 0, so the first term alone is used (c₁ = 1, c₂ = 0). "Near
   zero" is RMS(B) ≤ 1e-12 (``B_ZERO_RMS``): far below any trained B, high enough that BᵀB and its damped
@@ -60,8 +63,10 @@ class _FullSpaceConfig(MethodConfig):
     norm: Literal["layer", "global"] = option(
         "layer", "‖ĝ‖ per adapted layer (paper) or one global norm over all layers."
     )
-    rho_schedule: Literal["constant", "cosine", "inv_sqrt"] = option(
-        "constant", "ρ_t: constant, cosine decay ρ·½(1+cos(πt/T)), or inv_sqrt ρ/√max(1, t)."
+    rho_schedule: Literal["inv_sqrt", "constant", "cosine"] = option(
+        "inv_sqrt",
+        "ρ_t over optimizer steps t = 1, 2, ...: inv_sqrt ρ/√t (paper, Theorem 2), constant ρ, or cosine "
+        "decay ρ·½(1+cos(π(t-1)/T)).",
     )
     total_steps: int | None = option(
         None, "T, total optimizer steps (needed by cosine; FlatTrainer sets it).", min=1
@@ -89,11 +94,12 @@ class FMLoRAConfig(_FullSpaceConfig):
 
 
 def rho_at(rho: float, schedule: str, step: int, total_steps: int | None) -> float:
-    """ρ_t of the schedule at optimizer step ``step`` (cosine clamped to T)."""
+    """ρ_t of the schedule for the optimizer step with 0-based index ``step`` (the paper's t = step + 1;
+    cosine clamped to T): inv_sqrt gives ρ, ρ/√2, ρ/√3, ... ."""
     if schedule == "constant" or rho == 0.0:
         return rho
     if schedule == "inv_sqrt":
-        return rho / math.sqrt(max(1, step))
+        return rho / math.sqrt(step + 1)
     return rho * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
