@@ -311,6 +311,28 @@ def test_clean_and_trainable_outside_backward():
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in method.aux_params}
 
 
+def test_aux_lr_gives_the_auxiliary_branch_its_own_learning_rate():
+    """η₂ (the paper's ablation): one SGD step moves the primary by −η·g and the auxiliary by +η₂·g."""
+    model = tiny_bert()
+    method = flatpeft.attach(model, "bi_lora", aux_init="random", aux_lr=0.3, clip="none")
+    groups = method.param_groups(0.1)
+    assert [(g["weight_decay"], g.get("lr")) for g in groups] == [(0.1, None), (0.0, 0.3)]
+    opt = torch.optim.SGD(method.param_groups(0.0), lr=0.01)
+    method.bind(opt)
+    before = {id(p): p.detach().clone() for p in method.parameters()}
+    method.backward(lambda: model(**make_batch()).loss)
+    grads = {id(p): p.grad.clone() for p in method.parameters() if p.grad is not None}
+    opt.step()
+    aux = {id(p) for p in method.aux_params}
+    for p in method.parameters():
+        if id(p) in grads:
+            lr = 0.3 if id(p) in aux else 0.01
+            torch.testing.assert_close(p.detach(), before[id(p)] - lr * grads[id(p)], rtol=1e-6, atol=1e-8)
+    assert all(grads[i].abs().sum() > 0 for i in aux)
+    default = flatpeft.attach(tiny_bert(), "bi_lora").param_groups(0.0)
+    assert "lr" not in default[1]  # by default the optimizer's lr (the paper's main runs)
+
+
 def test_zero_rho_never_runs_aux():
     model = tiny_bert()
     method = flatpeft.attach(model, "bi_lora", rho=0.0, aux_init="random")

@@ -90,6 +90,13 @@ class BiLoRAConfig(MethodConfig):
     aux_init: Literal["zero", "random"] = option(
         "zero", "Auxiliary start: zero (PEFT default, B2 = 0) or random (B2 drawn, scaled to norm ρ)."
     )
+    aux_lr: float | None = option(
+        None,
+        "η₂, learning rate of the auxiliary branch in param_groups() (the paper's ablation); default: "
+        "the optimizer's own lr, as in the paper's main runs.",
+        min=0.0,
+        min_exclusive=True,
+    )
 
 
 @register
@@ -136,6 +143,18 @@ class BiLoRA(Method):
     def no_decay_parameters(self) -> list[torch.nn.Parameter]:
         """The auxiliary factors: weight decay would shrink the adversarial perturbation."""
         return list(self.aux_params)
+
+    def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """The primary adapter (and any other trainable weight) with ``weight_decay``; the auxiliary
+        factors with no weight decay and, when ``aux_lr`` is set, their own learning rate η₂."""
+        aux = {id(p) for p in self.aux_params}
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) not in aux], "weight_decay": weight_decay},
+            {"params": list(self.aux_params), "weight_decay": 0.0},
+        ]
+        if self.config.aux_lr is not None:
+            groups[1]["lr"] = self.config.aux_lr
+        return groups
 
     def strength(self) -> dict[str, float]:
         return {"rho": self.config.rho}
