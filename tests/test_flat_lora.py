@@ -231,3 +231,31 @@ def test_rslora_and_dora_noise_uses_effective_weight():
             w = copy.deepcopy(layer.get_base_layer().weight).float() + layer.get_delta_weight("default")
             torch.testing.assert_close(std, 0.1 * geo.rows(w).norm(dim=1) / math.sqrt(geo.n))
         assert torch.isfinite(method.backward(lambda m=model: m(**make_batch()).loss))
+
+
+def test_adalora_base_noise_uses_its_svd_delta():
+    """AdaLoRA (Flat-LoRA's Table 5 combines them): row norms of W0 + PEFT's delta P·Λ·Q, and training
+    leaves the frozen weights bit-identical."""
+    torch.manual_seed(0)
+    base = tiny_bert(base_only=True)
+    config = peft.AdaLoraConfig(
+        task_type="SEQ_CLS", init_r=4, target_r=2, total_step=10, target_modules=["query", "value", "dense"]
+    )
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_E" in name:
+                p.normal_(0, 0.05)
+    before = frozen_state(model)
+    method = flatpeft.attach(model, "flat_lora", sigma=0.1, schedule="constant")
+    assert method.layers and not isinstance(method.layers[0][1].lora_B["default"], nn.Module)
+    for (_, layer), geo, std in zip(method.layers, method.geos, method.row_stds(), strict=True):
+        w = layer.get_base_layer().weight.float() + layer.get_delta_weight("default")
+        torch.testing.assert_close(std, 0.1 * geo.rows(w).norm(dim=1) / math.sqrt(geo.n))
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-2)
+    method.bind(opt)
+    for i in range(2):
+        assert torch.isfinite(method.backward(lambda i=i: model(**make_batch(i)).loss))
+        opt.step()
+        opt.zero_grad()
+    assert_bit_identical(before, frozen_state(model))

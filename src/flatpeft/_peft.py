@@ -244,9 +244,10 @@ def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str) -> torch.
 
     ‖W'_i‖² = ‖W0_i‖² + 2s·⟨(W0·Aᵀ)_i, B_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ costs one read of W0 and one
     (m·n·r) product instead of materialising B·A and W'. Conv2d layers and LoRA variants whose delta
-    is not s·B·A go through :func:`effective_rows`.
+    is not s·B·A of ``nn.Linear`` factors (DoRA, AdaLoRA's SVD factors) go through :func:`effective_rows`.
     """
-    if geo.kind == "conv2d" or adapter in getattr(layer, "lora_variant", {}):
+    plain = isinstance(layer.lora_B[adapter], nn.Module) if adapter in layer.lora_B else False
+    if geo.kind == "conv2d" or adapter in getattr(layer, "lora_variant", {}) or not plain:
         return effective_rows(layer, geo, adapter).norm(dim=1)
     s = scaling(layer, adapter)
     b = layer.lora_B[adapter].weight.float()

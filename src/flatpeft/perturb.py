@@ -121,7 +121,13 @@ def noisy_base_op(
         seed: Generator seed of this (step, layer).
         keep: Save ``W0 + ε`` for backward instead of regenerating it.
     """
-    return _NoisyBase.apply(x, weight_rows, bias, row_std, geo, seed, keep)
+    if geo.kind == "conv2d":
+        return _NoisyBase.apply(x, weight_rows, bias, row_std, geo, seed, keep)
+    # A linear op on (..., n) inputs runs on the 2-D view, and the output is reshaped out here: an
+    # output reshaped inside the autograd function would be a view that callers could not modify in
+    # place (PEFT's AdaLoRA layer adds its branch with ``result += ...``).
+    out = _NoisyBase.apply(x.reshape(-1, x.shape[-1]), weight_rows, bias, row_std, geo, seed, keep)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 # -- exact save/restore and norms ------------------------------------------------------------------
