@@ -9,6 +9,8 @@ from torch import nn
 
 import flatpeft
 from flatpeft.methods.bilevel_lora import (
+    binary_penalty,
+    binary_penalty_grad,
     orthogonality_grads,
     orthogonality_penalty,
     split_dataset,
@@ -264,6 +266,37 @@ def test_orthogonality_gradient_is_added_once_per_optimizer_step():
     opt.step()
     for p, p0, t, r in zip(factors, start, task, penalty, strict=True):
         torch.testing.assert_close(p.detach(), p0 - t - 0.5 * r)
+
+
+def test_binary_penalty_gradient_is_added_on_upper_steps_only():
+    """R2 = Σ s(1 − s) (sigmoid map): closed form against autograd, and an upper step's λ.grad is the
+    D2 gradient plus γ2·∂R2/∂λ, added once per optimizer step."""
+    lam = torch.tensor([-2.0, -0.3, 0.0, 0.7, 3.0], dtype=torch.float64, requires_grad=True)
+    (auto,) = torch.autograd.grad(binary_penalty(lam), lam)
+    torch.testing.assert_close(binary_penalty_grad(lam.detach()), auto)
+    assert float(binary_penalty(torch.tensor([-50.0, 50.0]))) == pytest.approx(0.0, abs=1e-12)
+
+    model = tiny_net()
+    method = flatpeft.attach(model, "bilevel_lora", g="sigmoid", gamma2=0.5, lower_steps=1, upper_steps=1)
+    opt = torch.optim.SGD(method.param_groups(), lr=1.0)
+    method.bind(opt)
+    b1, b2 = _xy(1), _xy(2)
+    method.backward(lambda: _mse(model, b1), upper_loss_fn=lambda: _mse(model, b2))
+    opt.step()  # lower step: λ untouched
+    opt.zero_grad()
+    with torch.no_grad():
+        for i, lam in enumerate(method.lambdas):
+            lam.copy_(torch.linspace(-1.0, 1.0, lam.numel()) * (i + 1))
+    start = [lam.detach().clone() for lam in method.lambdas]
+    method.backward(lambda: _mse(model, b1), upper_loss_fn=lambda: _mse(model, b2))
+    data = [lam.grad.clone() for lam in method.lambdas]
+    opt.step()  # upper step with lr 1e-3 (upper_lr)
+    for lam, l0, d in zip(method.lambdas, start, data, strict=True):
+        expected = l0 - method.config.upper_lr * (d + 0.5 * binary_penalty_grad(l0))
+        torch.testing.assert_close(lam.detach(), expected)
+        assert float(binary_penalty_grad(l0).abs().sum()) > 0
+    with pytest.raises(ValueError, match="g='sigmoid'"):
+        flatpeft.attach(tiny_net(), "bilevel_lora", gamma2=0.1)
 
 
 def test_darts_hypergradient_matches_finite_difference_of_unrolled_upper_loss():

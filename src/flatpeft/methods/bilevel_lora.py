@@ -8,7 +8,9 @@ Not Bi-LoRA (``bi_lora``, an auxiliary adversarial adapter). A pseudo-SVD adapte
 trained as a bi-level problem on two splits of the training set (D1 : D2 = ``split`` : 1 − ``split``):
 
     lower:  V*(λ) = argmin_V  L(V, λ; D1) + γ1 Σ_layers (‖PᵀP − I‖_F² + ‖QQᵀ − I‖_F²),   V = {P, Q, ...}
-    upper:  min_λ  L(V*(λ), λ; D2)
+    upper:  min_λ  L(V*(λ), λ; D2) + γ2 Σ_layers Σ_i s_i (1 − s_i),   s = sigmoid(λ)   (g = sigmoid;
+            R2 pushes each pseudo singular value towards 0 or 1; our form of the paper's R2, whose exact
+            expression was not recoverable; γ2 = 0 by default)
 
 by alternation over optimizer steps: ``lower_steps`` (T1) steps update V (P, Q and any other
 trainable weight, e.g. a classifier head) on D1 with λ fixed, then ``upper_steps`` (T2) steps update
@@ -81,6 +83,8 @@ from ..registry import register
 __all__ = [
     "BilevelLoRA",
     "BilevelLoRAConfig",
+    "binary_penalty",
+    "binary_penalty_grad",
     "orthogonality_grads",
     "orthogonality_penalty",
     "split_dataset",
@@ -100,6 +104,12 @@ class BilevelLoRAConfig(MethodConfig):
     )
     gamma: float = option(
         0.1, "γ1, weight of the orthogonality penalty ‖PᵀP-I‖²+‖QQᵀ-I‖² (lower level).", min=0.0
+    )
+    gamma2: float = option(
+        0.0,
+        "γ2, weight of R2 = Σ g(λ)(1 - g(λ)) on the upper level, pushing each sigmoid value towards 0 "
+        "or 1 (g='sigmoid' only).",
+        min=0.0,
     )
     lower_steps: int = option(4, "T1, optimizer steps on P, Q (D1) per cycle.", min=1)
     upper_steps: int = option(1, "T2, optimizer steps on λ (D2) per cycle.", min=1)
@@ -126,6 +136,11 @@ class BilevelLoRAConfig(MethodConfig):
     def validate(self) -> None:
         if self.split >= 1.0:
             raise ValueError("BilevelLoRAConfig.split must be in (0, 1) so that D2 is not empty; got 1.0")
+        if self.gamma2 > 0 and self.g != "sigmoid":
+            raise ValueError(
+                f"BilevelLoRAConfig.gamma2 > 0 pushes sigmoid values towards 0 or 1; it needs g='sigmoid', "
+                f"got g={self.g!r} (set gamma2=0)"
+            )
 
 
 def split_indices(n: int, fraction: float = 0.8, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -163,6 +178,19 @@ def orthogonality_penalty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """R = ‖PᵀP − I‖_F² + ‖QQᵀ − I‖_F² of one layer (P = lora_B, Q = lora_A weights), at least fp32."""
     p, q, eye = _pq(a, b)
     return (p.t() @ p - eye).pow(2).sum() + (q @ q.t() - eye).pow(2).sum()
+
+
+def binary_penalty(lam: torch.Tensor) -> torch.Tensor:
+    """R2 = Σ s(1 − s), s = sigmoid(λ): zero when every s is 0 or 1, largest at s = ½."""
+    s = torch.sigmoid(lam.float())
+    return (s * (1 - s)).sum()
+
+
+@torch.no_grad()
+def binary_penalty_grad(lam: torch.Tensor) -> torch.Tensor:
+    """∂R2/∂λ = s(1 − s)(1 − 2s) in closed form (s = sigmoid(λ)), in λ's dtype."""
+    s = torch.sigmoid(lam.float())
+    return (s * (1 - s) * (1 - 2 * s)).to(lam.dtype)
 
 
 @torch.no_grad()
@@ -420,6 +448,11 @@ class BilevelLoRA(Method):
                 for lam in self.lambdas:
                     lam.grad = _or_zeros(lam.grad, lam)
                 _mean_over_ranks([lam.grad for lam in self.lambdas])
+            if self.config.gamma2 > 0:  # γ2·∇R2, once per upper step (the same on every rank)
+                for lam in self.lambdas:
+                    lam.grad = _or_zeros(lam.grad, lam).add_(
+                        binary_penalty_grad(lam), alpha=self.config.gamma2
+                    )
             return
         for lam in self.lambdas:
             lam.grad = None
