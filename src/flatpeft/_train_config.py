@@ -73,6 +73,20 @@ class TrainConfig:
     sharpness_samples: int = _opt(0, "noise samples for the expected full-space sharpness (0: off)")
     sharpness_sigma: float = _opt(0.05, "relative noise std of the sharpness measurement")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = _opt(
+        "fp32", "bf16: frozen weights stored in bf16, autocast bf16; fp16: autocast fp16 and a grad scaler"
+    )
+    gradient_checkpointing: bool = _opt(False, "recompute each block's activations in backward (less memory)")
+    gradient_checkpointing_reentrant: bool = _opt(
+        False, "with --gradient-checkpointing: the reentrant variant"
+    )
+    load_in_4bit: bool = _opt(
+        False, "load the base quantized to 4-bit NF4 (QLoRA; pip install 'flatpeft[quant]')"
+    )
+    load_in_8bit: bool = _opt(
+        False, "load the base quantized to 8-bit (LLM.int8; pip install 'flatpeft[quant]')"
+    )
+    fsdp: bool = _opt(False, "under torchrun: shard the model with FSDP2 instead of replicating it (DDP)")
     out: str | None = _opt(None, "run folder (default: runs/<method>-seed<seed>)")
     resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
     progress: bool = _opt(True, "show progress bars")
@@ -119,6 +133,22 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         if self.task not in ("classification", "causal-lm"):
             raise ConfigError(f"task must be classification or causal-lm, got {self.task!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.gradient_checkpointing_reentrant and not self.gradient_checkpointing:
+            raise ConfigError("--gradient-checkpointing-reentrant needs --gradient-checkpointing")
+        quantized = "--load-in-4bit" if self.load_in_4bit else "--load-in-8bit" if self.load_in_8bit else None
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
+        if quantized and self.method.partition(":")[0] == FULL:
+            raise ConfigError(
+                f"--method full trains every weight, which a quantized base cannot; drop {quantized}"
+            )
+        if quantized and self.fsdp:
+            raise ConfigError(
+                f"--fsdp cannot shard bitsandbytes layers here; drop {quantized} (QLoRA) or --fsdp (shard a "
+                "bf16 base: --fsdp --precision bf16)"
+            )
 
 
 # -- options ----------------------------------------------------------------------------------------

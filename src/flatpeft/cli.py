@@ -130,7 +130,9 @@ def _add_run_options(parser: argparse.ArgumentParser, skip: set[str] = frozenset
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """Config-file options overridden by the flags given on the command line."""
     given = {
-        k: v for k, v in vars(args).items() if k not in ("config", "command", "handler", "methods", "seeds")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("config", "command", "handler", "methods", "seeds", "nproc")
     }
     given = {k: v for k, v in given.items() if k not in ("overwrite",)}
     options = load_config_file(args.config) if getattr(args, "config", None) else {}
@@ -216,6 +218,13 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="delete an earlier comparison in --out first"
     )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="processes per run, started with torchrun --standalone (needed for --fsdp; default: 1)",
+    )
     _add_run_options(parser, skip=_SKIP_FOR_COMPARE)
 
 
@@ -232,21 +241,32 @@ _MARKER = "compare-config.json"
 
 
 def compare(
-    options: dict[str, Any], methods: Sequence[str], seeds: Sequence[int], out: str, resume: bool = False
+    options: dict[str, Any],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: str,
+    resume: bool = False,
+    nproc: int = 1,
 ) -> dict[str, Any]:
     """Train every method spec with every seed on the same data and split, then summarise.
 
-    Each run is a ``flatpeft train`` in its own process (so peak memory is per run) writing
+    Each run is a ``flatpeft train`` in its own process (so peak memory is per run), or in ``nproc``
+    processes started by ``torchrun`` (DDP, or FSDP2 with ``fsdp``), writing
     ``<out>/runs/<method>-seed<k>/``; the summary goes to ``compare.md``, ``compare.csv``,
     ``compare.json`` and ``compare.png`` in ``out``. Everything is checked before anything is written.
 
     Raises:
         ValueError: bad options, methods, data or model; ``out`` in use without ``resume``.
     """
+    from . import _scale
+
     options = _COMPARE_DEFAULTS | {k: v for k, v in options.items() if k not in _SKIP_FOR_COMPARE}
     base = train_lib.TrainConfig.from_dict(options)
     if not methods or not seeds:
         raise ValueError("compare needs at least one method and one seed")
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    _scale.check_environment(base, nproc)
     plan = []
     for spec in methods:
         for seed in seeds:
@@ -261,6 +281,8 @@ def compare(
     )  # fmt: skip
     root = Path(out)
     record = {"options": options, "methods": list(methods), "seeds": list(seeds)}
+    if nproc > 1:
+        record["nproc"] = nproc
     if root.exists() and any(root.iterdir()):
         marker = root / _MARKER
         if not resume:
@@ -284,7 +306,8 @@ def compare(
             config_file = root / "runs" / f"{folder.name}.json"
             config_file.write_text(json.dumps(run_config, indent=2) + "\n")
             print(f"[{i}/{len(plan)}] {label}, seed {seed}", file=sys.stderr, flush=True)
-            if _launch(config_file) != 0 or not metrics_file.is_file():
+            code = _launch(config_file) if nproc == 1 else _launch_torchrun(config_file, nproc)
+            if code != 0 or not metrics_file.is_file():
                 failed.append(f"{label} seed {seed}")
                 continue
         results.append(
@@ -312,6 +335,12 @@ def _launch(config_file: Path) -> int:
     return subprocess.run(
         [sys.executable, "-m", "flatpeft", "train", "--config", str(config_file)]
     ).returncode
+
+
+def _launch_torchrun(config_file: Path, nproc: int) -> int:
+    """Run ``torchrun --standalone --nproc_per_node <nproc> -m flatpeft train --config <file>``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.run([*launcher, "-m", "flatpeft", "train", "--config", str(config_file)]).returncode
 
 
 def _metric_names(task: str) -> list[str]:
@@ -442,8 +471,10 @@ def run_compare(args: argparse.Namespace) -> int:
     registered = sorted(list_methods(), key=lambda name: name != "lora")  # the reference row first
     methods = getattr(args, "methods", None) or options.pop("methods", None) or registered
     seeds = getattr(args, "seeds", None) or options.pop("seeds", None) or [0, 1, 2]
+    nproc = int(getattr(args, "nproc", None) or options.pop("nproc", None) or 1)
     options.pop("methods", None)
     options.pop("seeds", None)
+    options.pop("nproc", None)
     out = str(options.pop("out", None) or "runs/compare")
     resume = bool(options.pop("resume", False))
     if isinstance(methods, str):
@@ -452,7 +483,7 @@ def run_compare(args: argparse.Namespace) -> int:
         if not (Path(out) / _MARKER).is_file():
             raise ValueError(f"--overwrite: {out} is not a flatpeft comparison folder; remove it yourself")
         shutil.rmtree(out)
-    report = compare(options, list(methods), [int(s) for s in seeds], out, resume=resume)
+    report = compare(options, list(methods), [int(s) for s in seeds], out, resume=resume, nproc=nproc)
     print(report["table"])
     print(f"\nwritten to {out}/compare.md, .csv, .json, .png")
     if report["failed"]:

@@ -146,7 +146,14 @@ def _tiny_model(task: str, num_labels: int, vocab_size: int) -> nn.Module:
 
 
 def load_model(
-    name: str, task: str = "classification", num_labels: int = 2, seed: int = 0
+    name: str,
+    task: str = "classification",
+    num_labels: int = 2,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype | None = None,
+    quantization_config: Any = None,
+    device: torch.device | str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load a model and its tokenizer for ``task``.
 
@@ -156,6 +163,11 @@ def load_model(
             randomly initialised unless the checkpoint has one) or ``causal-lm``.
         num_labels: Number of classes (classification).
         seed: Seed of every weight initialised here.
+        dtype: Dtype of the loaded weights (default: as saved, fp32 for ``tiny``).
+        quantization_config: A ``transformers.BitsAndBytesConfig``: the model is loaded quantized onto
+            ``device`` by ``from_pretrained``. ``tiny`` is built, saved to a temporary folder and loaded
+            from there, as a saved model would be.
+        device: Where a quantized model is loaded (``device_map={"": device}``; default cpu).
 
     Returns:
         ``(model, tokenizer)``, the model in train mode with a pad token set.
@@ -167,7 +179,20 @@ def load_model(
     torch.manual_seed(seed)
     if target == "tiny":
         tokenizer = tiny_tokenizer(task)
-        return _tiny_model(task, num_labels, len(tokenizer)), tokenizer
+        model = _tiny_model(task, num_labels, len(tokenizer))
+        if quantization_config is None:
+            return (model if dtype is None else model.to(dtype)), tokenizer
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="flatpeft-tiny-", ignore_cleanup_errors=True) as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            model, _ = load_model(
+                folder, task, num_labels, seed, dtype=dtype, quantization_config=quantization_config,
+                device=device,
+            )  # fmt: skip
+        model.name_or_path = model.config._name_or_path = ""  # as built in code: no folder for adapters
+        return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -176,10 +201,15 @@ def load_model(
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
+        kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+        if quantization_config is not None:
+            kwargs |= {"quantization_config": quantization_config, "device_map": {"": str(device or "cpu")}}
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(target, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                target, num_labels=num_labels, **kwargs
+            )
         else:
-            model = AutoModelForCausalLM.from_pretrained(target)
+            model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except OSError as e:
         raise ModelError(f"could not load model {name!r}: {e}") from e
     finally:

@@ -27,7 +27,13 @@ folder and evaluates (on the full held-out sets); the metrics are broadcast to e
 keep every rank's RNG state, so ``--resume`` under torchrun (same number of processes) continues exactly.
 Every micro-batch's backward all-reduces (two-pass methods need synchronised gradients mid-step); the
 example weighting is exact for classification, per-example for causal-LM (as gradient accumulation is).
-The options and their checks live in ``_train_config``.
+
+Large models (``_scale`` prepares them): ``--precision bf16|fp16`` (autocast; fp16 with a grad scaler whose
+skipped steps skip the optimizer and LR steps), ``--gradient-checkpointing``, ``--load-in-4bit|8bit``
+(bitsandbytes) and ``--fsdp``: under torchrun the model is sharded with FSDP2 instead of wrapped in DDP,
+checkpoints hold ``torch.distributed.checkpoint`` shards written by every rank, and every rank evaluates
+(each forward all-gathers the weights) while rank 0 writes. The options and their checks live in
+``_train_config``.
 """
 
 from __future__ import annotations
@@ -44,15 +50,17 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import _scale
 from . import data as data_lib
 from . import models as model_lib
+from ._scale import Precision, Ranks
 from ._train_config import (
     FULL,
     ConfigError,
@@ -90,91 +98,7 @@ class Interrupted(RuntimeError):
     """The run was stopped with Ctrl-C after writing a checkpoint."""
 
 
-# -- data parallelism (torchrun) -------------------------------------------------------------------
-
-
-@dataclass
-class Ranks:
-    """This process's place in a ``torchrun`` job (``world == 1``: one process, no collectives)."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # started the process group here, so stops it
-
-    @classmethod
-    def start(cls, device_name: str) -> Ranks:
-        """Join the ``torchrun`` process group when ``WORLD_SIZE > 1`` (gloo on CPU, NCCL on CUDA)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = _device(device_name, local if world > 1 else None)
-        if world == 1:
-            return cls(device=device)
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        owns = not dist.is_initialized()
-        if owns:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), device, owns)
-
-    def stop(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-    @property
-    def main(self) -> bool:
-        """Rank 0: the only one that writes."""
-        return self.rank == 0
-
-    def shard(self, examples: list[data_lib.Example]) -> tuple[list[data_lib.Example], float]:
-        """This rank's share of a micro-batch and the weight of its mean loss such that the average
-        over ranks (DDP's gradient reduction) is the mean over the whole micro-batch."""
-        if self.world == 1:
-            return examples, 1.0
-        mine = examples[self.rank :: self.world]
-        if not mine:  # fewer examples than ranks: take part in the all-reduce with weight 0
-            return examples[:1], 0.0
-        return mine, len(mine) * self.world / len(examples)
-
-    def sum(self, *values: float) -> list[float]:
-        """Each value summed over ranks."""
-        if self.world == 1:
-            return list(values)
-        import torch.distributed as dist
-
-        total = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(total)
-        return total.tolist()
-
-    def gather(self, obj: Any) -> list[Any]:
-        """``obj`` of every rank, in rank order."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+# -- data parallelism (torchrun) ------------------------------------------------------------------
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -242,23 +166,13 @@ class Run:
     device: torch.device
     net: nn.Module  # what the loss is computed through: the DistributedDataParallel wrapper or the model
     ranks: Ranks
+    precision: Precision
 
     def batch(self, examples: list[data_lib.Example]) -> dict[str, torch.Tensor]:
         make = (
             data_lib.classification_batch if self.cfg.task == "classification" else data_lib.causal_lm_batch
         )
         return {k: v.to(self.device) for k, v in make(self.tokenizer, examples, self.cfg.max_length).items()}
-
-
-def _device(name: str, local_rank: int | None = None) -> torch.device:
-    """``name`` as a device; under torchrun, ``auto``/``cuda`` mean this process's GPU (``LOCAL_RANK``)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    if name == "cuda" and local_rank is not None:
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def _micro_per_epoch(n: int, batch_size: int) -> int:
@@ -269,12 +183,14 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
     """Load the data, model and method and build the optimizer and scheduler; write nothing.
 
     Under torchrun (``ranks.world > 1``) every rank builds the same model and method (same seeds), then
-    wraps the model in ``DistributedDataParallel`` and reseeds its own dropout stream.
+    wraps the model in ``DistributedDataParallel`` (or shards it with FSDP2) and reseeds its own dropout
+    stream. Precision, checkpointing, quantization and sharding: see ``_scale``.
 
     Raises:
         ValueError (``DataError``, ``ModelError``, ``ConfigError``): anything wrong with the inputs.
     """
-    ranks = ranks or Ranks(device=_device(cfg.device))
+    ranks = ranks or Ranks(device=_scale.device_for(cfg.device))
+    _scale.check_environment(cfg, ranks.world)
     if cfg.method != FULL:
         get_method(cfg.method)
     model_lib.resolve_model(cfg.model, cfg.task)  # cheap check before reading the data
@@ -305,8 +221,12 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
 
     device = ranks.device
     torch.manual_seed(cfg.seed)
-    model, tokenizer = model_lib.load_model(cfg.model, cfg.task, max(len(splits.labels), 2), cfg.seed)
-    model.to(device)  # before the method attaches, so its buffers and auxiliary adapters follow
+    num_labels = max(len(splits.labels), 2)
+    load_options = _scale.load_options(cfg, device)
+    model, tokenizer = model_lib.load_model(cfg.model, cfg.task, num_labels, cfg.seed, **load_options)
+    if "quantization_config" not in load_options:  # a quantized model is loaded onto the device
+        model.to(device)  # before the method attaches, so its buffers and auxiliary adapters follow
+    model = _scale.prepare_base(model, cfg)
     if method_config is None:
         method = FullFineTune(model)
     else:
@@ -324,10 +244,14 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
             raise ConfigError(f"LoRA: {e} (check --target-modules)") from e
         from .method import attach
 
+        _scale.keep_trainable_fp32(model)
         method = attach(model, method_config)
     model.train()
     net = model
-    if ranks.world > 1:  # after attach: a method may add parameters (Bi-LoRA's auxiliary adapter)
+    # After attach: a method may add parameters (Bi-LoRA's auxiliary adapter).
+    if cfg.fsdp:  # sharded in place; FSDP2 has no no_sync wrapper to tell the method about
+        _scale.shard(model)
+    elif ranks.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(
@@ -336,8 +260,8 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
             find_unused_parameters=method.needs_upper_loss,  # a bilevel upper step leaves some unused
         )
         method.set_wrapper(net)
-        if ranks.rank:
-            torch.manual_seed(_rank_seed(cfg.seed, ranks.rank))  # other dropout masks on other data
+    if ranks.rank:
+        torch.manual_seed(_rank_seed(cfg.seed, ranks.rank))  # other dropout masks on other data
     optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr)
     method.bind(optimizer)
     warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total_steps
@@ -348,9 +272,11 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
         return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    precision = Precision(cfg.precision, device, sharded=cfg.fsdp)
     return Run(
-        cfg, splits, upper, model, tokenizer, method, optimizer, scheduler, total_steps, device, net, ranks
-    )
+        cfg, splits, upper, model, tokenizer, method, optimizer, scheduler, total_steps, device, net, ranks,
+        precision,
+    )  # fmt: skip
 
 
 # -- data order ------------------------------------------------------------------------------------
@@ -384,7 +310,9 @@ def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 def evaluate(run: Run, examples: list[data_lib.Example]) -> dict[str, float]:
     """Loss (and accuracy, macro-F1 for classification; token accuracy, perplexity for causal-LM).
 
-    The model is evaluated in eval mode (no dropout) at its clean weights.
+    The model is evaluated in eval mode (no dropout) at its clean weights, under the run's autocast.
+    Sharded (``--fsdp``), every rank must call it: each forward all-gathers the weights, so every rank
+    evaluates the whole set (the same numbers everywhere).
     """
     if not examples:
         return {}
@@ -395,7 +323,8 @@ def evaluate(run: Run, examples: list[data_lib.Example]) -> dict[str, float]:
     for start in range(0, len(examples), run.cfg.eval_batch_size):
         batch = run.batch(examples[start : start + run.cfg.eval_batch_size])
         labels = batch.pop("labels")
-        logits = run.model(**batch).logits.float()
+        with run.precision.autocast():
+            logits = run.model(**batch).logits.float()
         if run.cfg.task == "classification":
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             count += len(labels)
@@ -430,26 +359,28 @@ def macro_f1(truth: list[int], preds: list[int]) -> float:
 
 
 def _sharpness(run: Run) -> dict[str, Any] | None:
-    """Expected full-space sharpness of the final adapter on up to 4 test batches, when available."""
+    """Expected full-space sharpness of the final adapter on up to 4 test batches, when available
+    (not under ``--fsdp``: ``flatpeft sharpness`` measures the saved adapter on one process)."""
     try:
         from . import sharpness
     except ImportError:
         return None
-    if run.cfg.method == FULL:
-        return None  # measured on the adapted layers of a PEFT model
+    if run.cfg.method == FULL or run.cfg.fsdp:
+        return None  # measured on the adapted layers of an unsharded PEFT model
     examples = run.splits.test or run.splits.val
     size = run.cfg.eval_batch_size
     batches = [run.batch(examples[i : i + size]) for i in range(0, min(len(examples), 4 * size), size)]
-    result = sharpness.expected_sharpness(
-        run.model,
-        None,
-        batches,
-        sigma=run.cfg.sharpness_sigma,
-        n_samples=run.cfg.sharpness_samples,
-        space="full",
-        seed=run.cfg.seed,
-        progress=run.cfg.progress,
-    )
+    with run.precision.autocast():
+        result = sharpness.expected_sharpness(
+            run.model,
+            None,
+            batches,
+            sigma=run.cfg.sharpness_sigma,
+            n_samples=run.cfg.sharpness_samples,
+            space="full",
+            seed=run.cfg.seed,
+            progress=run.cfg.progress,
+        )
     run.model.train()
     return {
         "expected_full": float(result.value),
@@ -511,34 +442,35 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def _save_checkpoint(run: Run, out: Path, step: int, rng: dict[str, Any], history: dict[str, list]) -> Path:
-    """Write ``checkpoints/step-<step>/state.pt`` atomically and prune old checkpoints (rank 0; the
-    weights, optimizer and method states are the same on every rank, the RNG states are not)."""
-    final = out / CHECKPOINTS / f"step-{step}"
+    """Write ``checkpoints/step-<step>/`` atomically and prune old checkpoints. Rank 0 writes
+    ``state.pt`` (the weights, optimizer and method states are the same on every rank, the RNG states
+    are not); under ``--fsdp`` every rank also writes its shards of the weights and optimizer state."""
+    final, tmp = out / CHECKPOINTS / f"step-{step}", out / CHECKPOINTS / f".tmp-step-{step}"
+    method_state = run.method.state_dict()  # on every rank: a sharded method gathers its tensors
     rng_ranks = run.ranks.gather(rng)
-    if not run.ranks.main:
-        run.ranks.barrier()
-        return final
-    state = {
-        "step": step,
-        "trainable": {
-            n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad
-        },
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "method": run.method.state_dict(),
-        "rng": rng,
-        "world_size": run.ranks.world,
-        "rng_ranks": rng_ranks,
-        "history": history,
-    }
-    tmp = out / CHECKPOINTS / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in _checkpoints(out)[: -run.cfg.keep_checkpoints]:
-        shutil.rmtree(old)
+    if run.ranks.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    run.ranks.barrier()
+    if run.cfg.fsdp or run.ranks.main:
+        weights = _scale.save_weights(tmp, run.model, run.optimizer, sharded=run.cfg.fsdp)
+    if run.ranks.main:
+        state = {
+            "step": step,
+            **weights,
+            "scheduler": run.scheduler.state_dict(),
+            "method": method_state,
+            "scaler": run.precision.state_dict(),
+            "rng": rng,
+            "world_size": run.ranks.world,
+            "rng_ranks": rng_ranks,
+            "history": history,
+        }
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoints(out)[: -run.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
     run.ranks.barrier()
     return final
 
@@ -552,12 +484,10 @@ def _load_checkpoint(run: Run, path: Path) -> tuple[int, dict[str, list]]:
             f"({'torchrun --nproc_per_node ' + str(world) if world > 1 else 'without torchrun'})"
         )
     rng = state["rng_ranks"][run.ranks.rank] if "rng_ranks" in state else state["rng"]
-    _, unexpected = run.model.load_state_dict(state["trainable"], strict=False)
-    if unexpected:
-        raise ConfigError(f"{path}: weights {unexpected[:3]}... do not match this model; start a new --out")
-    run.optimizer.load_state_dict(state["optimizer"])
+    _scale.load_weights(path, state, run.model, run.optimizer, sharded=run.cfg.fsdp)
     run.scheduler.load_state_dict(state["scheduler"])
-    run.method.load_state_dict(state["method"])
+    run.method.load_state_dict(state["method"])  # after the optimizer (see _scale.save_weights)
+    run.precision.load_state_dict(state.get("scaler"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -662,12 +592,9 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
                 extra = {}
                 if upper_stream is not None:
                     upper_examples, upper_weight = ranks.shard(upper_stream[j])
-                    upper = run.batch(upper_examples)
-                    extra["upper_loss_fn"] = lambda upper=upper, w=upper_weight: (
-                        _forward_loss(run.net, upper) * w / cfg.grad_accum
-                    )
+                    extra["upper_loss_fn"] = _loss_fn(run, run.batch(upper_examples), upper_weight)
                 loss = run.method.backward(
-                    lambda batch=batch, w=weight: _forward_loss(run.net, batch) * w / cfg.grad_accum, **extra
+                    _loss_fn(run, batch, weight), backward_fn=run.precision.backward_fn, **extra
                 )
                 if not torch.isfinite(loss) and bad_loss is None:
                     bad_loss = float(loss)
@@ -677,11 +604,15 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
             if bad:
                 what = f"the loss is {bad_loss}" if bad_loss is not None else "the loss on another rank"
                 raise Diverged(_diverged_message(cfg, out, step, what))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
-            if not math.isfinite(grad_norm):  # the same on every rank: gradients are all-reduced
+            run.precision.unscale(run.optimizer)  # fp16: true gradients before clipping
+            grad_norm = _scale.clip_grad_norm(params, cfg.max_grad_norm or math.inf)
+            if not math.isfinite(grad_norm) and run.precision.scaler is None:  # the same on every rank
                 raise Diverged(_diverged_message(cfg, out, step, f"the gradient norm is {grad_norm}"))
-            run.optimizer.step()
-            run.scheduler.step()
+            stepped = run.precision.step(run.optimizer)  # fp16: False when the scaler skips an overflow
+            if stepped:
+                run.scheduler.step()
+            else:
+                history.setdefault("skipped", []).append(step + 1)
             run.optimizer.zero_grad(set_to_none=True)
             history["loss"].append(step_loss)
             history["seconds"].append(time.perf_counter() - t0)
@@ -696,11 +627,15 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
                     "grad_norm": grad_norm,
                     "lr": lr,
                     **run.method.strength(),
+                    **run.precision.loss_scale(),
+                    **({} if stepped else {"skipped": True}),
                 }
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
-            if log and cfg.eval_every and done % cfg.eval_every == 0:
-                log.write(json.dumps({"step": done, "val": evaluate(run, run.splits.val)}) + "\n")
+            if cfg.eval_every and done % cfg.eval_every == 0 and (log or cfg.fsdp):  # see evaluate()
+                val = evaluate(run, run.splits.val)
+                if log:
+                    log.write(json.dumps({"step": done, "val": val}) + "\n")
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < run.total_steps:
                 _save_checkpoint(run, out, done, _rng_state(), history)
     finally:
@@ -710,19 +645,34 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
 
-    # Back to a vanilla model, save it, evaluate exactly what was saved (rank 0; the others wait).
+    # Back to a vanilla model, save it, evaluate exactly what was saved (rank 0 while the others wait;
+    # under --fsdp every rank, since gathering the adapter and every forward are collectives).
     model = run.method.detach()
     run.model = model
-    metrics = _finish(run, out, stream, history) if ranks.main else None
+    metrics = _finish(run, out, stream, history) if ranks.main or cfg.fsdp else None
     return ranks.broadcast(metrics)
 
 
+def _loss_fn(run: Run, batch: dict[str, torch.Tensor], weight: float):
+    """The closure a method backpropagates: this rank's weighted share of a micro-batch's mean loss,
+    computed under the run's autocast."""
+
+    def loss() -> torch.Tensor:
+        with run.precision.autocast():
+            return _forward_loss(run.net, batch) * weight / run.cfg.grad_accum
+
+    return loss
+
+
 def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> dict[str, Any]:
-    """Save the adapter (or model), evaluate it and write ``metrics.json``."""
+    """Save the adapter (or model), evaluate it and write ``metrics.json`` (rank 0 writes)."""
     cfg = run.cfg
     target = out / ("model" if cfg.method == FULL else "adapter")
-    run.model.save_pretrained(target)
-    run.tokenizer.save_pretrained(target)
+    # Sharded: the weights gathered whole on rank 0, saved in the same stock format.
+    whole = {"state_dict": _scale.full_state_dict(run.model, cfg.method != FULL)} if cfg.fsdp else {}
+    if run.ranks.main:
+        run.model.save_pretrained(target, **whole)
+        run.tokenizer.save_pretrained(target)
     epoch_steps = max(1, math.ceil(stream.per_epoch / cfg.grad_accum))
     times = history["seconds"][1:] or history["seconds"]
     metrics: dict[str, Any] = {
@@ -739,11 +689,14 @@ def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> di
         **_peak_memory(run.device),
         "labels": run.splits.labels,
     }
+    if run.precision.scaler is not None:
+        metrics["skipped_steps"] = history.get("skipped", [])  # fp16 overflows
     if cfg.sharpness_samples:
         sharp = _sharpness(run)
         if sharp is not None:
             metrics["sharpness"] = sharp
-    _write_json(out / "metrics.json", metrics)
+    if run.ranks.main:
+        _write_json(out / "metrics.json", metrics)
     return metrics
 
 
