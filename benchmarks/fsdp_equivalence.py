@@ -28,8 +28,9 @@ sys.path.insert(0, TESTS)
 import flatpeft  # noqa: E402
 from fsdp_worker import run, whole  # noqa: E402
 from helpers import tiny_llama  # noqa: E402
+from test_fsdp import VARIANTS  # noqa: E402
 
-SPECS = [*flatpeft.list_methods(), "flat_lora:noise_memory=keep", "bi_lora:clip=layer", "fm_lora:norm=global"]
+SPECS = [*flatpeft.list_methods(), *VARIANTS]
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ from torch import nn
 import flatpeft
 from flatpeft import _peft
 from flatpeft.methods.flat_lora import noise_scale
-from flatpeft.perturb import filter_noise, mix_seed, noisy_base_op
+from flatpeft.perturb import filter_noise, mix_seed, noisy_base_op, perturbed_parameters
 from helpers import assert_bit_identical, frozen_state, make_batch, tiny_bert, tiny_gpt2
 
 
@@ -252,6 +252,96 @@ def test_adalora_base_noise_uses_its_svd_delta():
     for (_, layer), geo, std in zip(method.layers, method.geos, method.row_stds(), strict=True):
         w = layer.get_base_layer().weight.float() + layer.get_delta_weight("default")
         torch.testing.assert_close(std, 0.1 * geo.rows(w).norm(dim=1) / math.sqrt(geo.n))
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-2)
+    method.bind(opt)
+    for i in range(2):
+        assert torch.isfinite(method.backward(lambda i=i: model(**make_batch(i)).loss))
+        opt.step()
+        opt.zero_grad()
+    assert_bit_identical(before, frozen_state(model))
+
+
+# -- scope="all": Flat-LoRA (all), Appendix C ----------------------------------------------------------
+
+
+def test_perturbed_parameters_is_functional_and_exact():
+    """Inside the block a module computes with make(p); outside it holds the same Parameter objects,
+    bit-identical, and a trainable p gets the gradient at the perturbed point."""
+    norm = nn.LayerNorm(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 6))
+        norm.bias.copy_(torch.linspace(-0.2, 0.3, 6))
+    norm.bias.requires_grad_(False)
+    weight, bias = norm.weight, norm.bias
+    before = (weight.detach().clone(), bias.detach().clone())
+    x = torch.randn(3, 6)
+    dw, db = torch.full((6,), 0.25), torch.full((6,), -0.5)
+    with perturbed_parameters({norm: {"weight": lambda p: p + dw, "bias": lambda p: p + db}}):
+        out = norm(x)
+        assert norm.weight is weight  # only inside the module's forward
+    expected = nn.functional.layer_norm(x, (6,), before[0] + dw, before[1] + db)
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad(out.square().sum(), weight)
+    w = (before[0] + dw).requires_grad_(True)
+    (ref,) = torch.autograd.grad(nn.functional.layer_norm(x, (6,), w, before[1] + db).square().sum(), w)
+    torch.testing.assert_close(grad, ref)
+    assert norm.weight is weight and norm.bias is bias and norm._forward_pre_hooks == {}
+    assert torch.equal(weight, before[0]) and torch.equal(bias, before[1])
+    with pytest.raises(RuntimeError), perturbed_parameters({norm: {"weight": lambda p: p * 2}}):
+        norm(torch.randn(3, 5))  # a forward that raises leaves the parameter restored
+    assert norm.weight is weight and "weight" not in norm.__dict__
+
+
+def test_scope_all_perturbs_layer_norms_biases_and_embeddings_by_their_rows(monkeypatch):
+    """The LayerNorm weight seen in forward is w + ε with ε_i ~ N(0, (σ|w_i|)²) regenerated from the
+    documented generator; the word embedding gets filter-wise noise per token row; nothing stored
+    changes; scope="layers" leaves them alone."""
+    model = tiny_bert()
+    before = frozen_state(model)
+    seen = []
+    real = nn.functional.layer_norm
+    monkeypatch.setattr(
+        nn.functional,
+        "layer_norm",
+        lambda x, s, w=None, b=None, eps=1e-5: seen.append(w) or real(x, s, w, b, eps),
+    )
+    batch = make_batch()
+    layers = flatpeft.attach(model, "flat_lora", sigma=0.1, schedule="constant", seed=3)
+    layers.backward(lambda: model(**batch).loss)
+    norm = model.base_model.model.bert.embeddings.LayerNorm
+    assert all(w is norm.weight for w in seen[:1])  # layers scope: the stored weight itself
+    layers.detach()
+    model.zero_grad()
+    seen.clear()
+    method = flatpeft.attach(model, "flat_lora", sigma=0.1, schedule="constant", seed=3, scope="all")
+    index = method._others[norm]["weight"]
+    method.backward(lambda: model(**batch).loss)
+    std = 0.1 * norm.weight.detach().abs()
+    expected = norm.weight.detach() + filter_noise(std, 1, mix_seed(3, 0, index, 0)).reshape(-1)
+    torch.testing.assert_close(seen[0].detach(), expected, rtol=0, atol=1e-7)
+    emb = model.base_model.model.bert.embeddings.word_embeddings
+    assert "weight" in method._others[emb]  # token rows: σ‖E_v‖/√dim
+    assert all(
+        m not in method._others or "weight" not in method._others[m] for m in [g.base for g in method.geos]
+    )
+    assert_bit_identical(before, frozen_state(model))
+    assert all(torch.isfinite(p.grad).all() for p in method.parameters() if p.grad is not None)
+
+
+def test_scope_all_with_zero_sigma_is_plain_backward_and_trains_exactly():
+    model = tiny_bert()
+    batch = make_batch()
+    model(**batch).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    method = flatpeft.attach(model, "flat_lora", sigma=0.0, scope="all")
+    method.backward(lambda: model(**batch).loss)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.equal(p.grad, plain[n]), n
+    method.detach()
+    before = frozen_state(model)
+    method = flatpeft.attach(model, "flat_lora", sigma=0.1, scope="all", schedule="constant")
     opt = torch.optim.AdamW(method.parameters(), lr=1e-2)
     method.bind(opt)
     for i in range(2):

@@ -18,7 +18,7 @@ from helpers import tiny_llama
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Non-default options whose sharded path differs from the default's.
-VARIANTS = ["flat_lora:noise_memory=keep", "bi_lora:clip=layer", "fm_lora:norm=global"]
+VARIANTS = ["flat_lora:noise_memory=keep", "flat_lora:scope=all", "bi_lora:clip=layer", "fm_lora:norm=global"]
 
 
 def _free_port() -> int:

@@ -385,7 +385,8 @@ def aux_parameters(layers: list[nn.Module], name: str) -> list[nn.Parameter]:
     return [p for layer in layers for p in aux_factors(layer, name)]
 
 
-def _all_adapter_parameters(layer: nn.Module) -> Iterator[nn.Parameter]:
+def all_adapter_parameters(layer: nn.Module) -> Iterator[nn.Parameter]:
+    """Every adapter parameter of a LoRA layer (all adapters: A, B, DoRA magnitudes, embeddings)."""
     for attr in layer.adapter_layer_names:
         for item in getattr(layer, attr, {}).values():
             yield from item.parameters() if isinstance(item, nn.Module) else [item]
@@ -401,7 +402,7 @@ def adapters_active(layers: list[nn.Module], names: list[str]) -> Iterator[None]
     adapter parameter are put back exactly as they were, so inactive adapters stay trainable.
     """
     previous = [list(layer.active_adapters) for layer in layers]
-    flags = [(p, p.requires_grad) for layer in layers for p in _all_adapter_parameters(layer)]
+    flags = [(p, p.requires_grad) for layer in layers for p in all_adapter_parameters(layer)]
 
     def restore_flags() -> None:
         for p, flag in flags:

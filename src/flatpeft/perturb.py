@@ -7,9 +7,11 @@ regenerates ε from its seed in backward, so the frozen weights stay bit-identic
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from ._peft import Geometry
 from ._sharded import sum_squares
@@ -22,6 +24,7 @@ __all__ = [
     "gram_fro_sq",
     "mix_seed",
     "noisy_base_op",
+    "perturbed_parameters",
     "restore_",
     "snapshot",
 ]
@@ -128,6 +131,51 @@ def noisy_base_op(
     # place (PEFT's AdaLoRA layer adds its branch with ``result += ...``).
     out = _NoisyBase.apply(x.reshape(-1, x.shape[-1]), weight_rows, bias, row_std, geo, seed, keep)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+@contextlib.contextmanager
+def perturbed_parameters(
+    entries: dict[nn.Module, dict[str, Callable[[torch.Tensor], torch.Tensor]]],
+) -> Iterator[None]:
+    """Within the block, each listed module computes with ``make(p)`` in place of its parameter ``p``.
+
+    ``entries[module][name] = make``. A forward pre-hook puts the tensor ``make(p)`` where the
+    parameter was and a forward hook puts the very same ``nn.Parameter`` object back, so no stored
+    weight is ever written (bit-identical in every dtype), gradients reach a trainable ``p`` through
+    ``make``, and a recomputed forward (activation checkpointing) calls ``make`` again. Parameters
+    still swapped when the block exits (a forward that raised) are put back too.
+    """
+    swapped: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter]] = {}
+
+    def restore(module: nn.Module, name: str) -> None:
+        _, _, param = swapped.pop((id(module), name))
+        module.__dict__.pop(name, None)
+        module._parameters[name] = param
+
+    def pre_hook(module: nn.Module, args) -> None:
+        for name, make in entries[module].items():
+            if (id(module), name) in swapped:  # re-entered (a nested call): keep the outer swap
+                continue
+            param = module._parameters.pop(name)
+            swapped[(id(module), name)] = (module, name, param)
+            module.__dict__[name] = make(param)
+
+    def post_hook(module: nn.Module, args, output) -> None:
+        for name in entries[module]:
+            if (id(module), name) in swapped:
+                restore(module, name)
+
+    handles = []
+    try:
+        for module in entries:
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(post_hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, name, _ in list(swapped.values()):
+            restore(module, name)
 
 
 # -- exact save/restore and norms ------------------------------------------------------------------

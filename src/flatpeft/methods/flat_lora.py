@@ -27,6 +27,7 @@ LoRA; the row norms are those of W' at the start of the step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +36,7 @@ import torch
 from .. import _peft
 from ..config import MethodConfig, option
 from ..method import Method
-from ..perturb import mix_seed, noisy_base_op
+from ..perturb import filter_noise, mix_seed, noisy_base_op, perturbed_parameters
 from ..registry import register
 
 __all__ = ["FlatLoRA", "FlatLoRAConfig", "noise_scale"]
@@ -60,6 +61,11 @@ class FlatLoRAConfig(MethodConfig):
     )
     noise_memory: Literal["regenerate", "keep"] = option(
         "regenerate", "regenerate ε in backward (no extra memory) or keep W0+ε to backward (one draw fewer)."
+    )
+    scope: Literal["layers", "all"] = option(
+        "layers",
+        "Which weights get noise: the adapted layers' W' (paper) or all: also every other weight, "
+        "LayerNorm weights, biases and embeddings included (Flat-LoRA (all), Appendix C).",
     )
 
     def validate(self) -> None:
@@ -97,6 +103,24 @@ class FlatLoRA(Method):
                 raise ValueError(f"{name}: flat_lora expects a frozen base weight; set requires_grad=False")
         self._std_step = -1
         self._stds: list[torch.Tensor | None] = []
+        self._others = self._other_weights() if self.config.scope == "all" else {}
+
+    def _other_weights(self) -> dict[torch.nn.Module, dict[str, int]]:
+        """``scope="all"``: every parameter but the LoRA factors and the adapted layers' own weights (their
+        noise is the functional base op), as ``{module: {name: index}}``; a tied weight keeps one index
+        (one ε) in every module that holds it."""
+        adapter_ids = {id(p) for _, layer in self.layers for p in _peft.all_adapter_parameters(layer)}
+        adapted = {(id(geo.base), "weight") for geo in self.geos}
+        index: dict[int, int] = {}
+        out: dict[torch.nn.Module, dict[str, int]] = {}
+        for module in self.model.modules():
+            for name, p in module._parameters.items():
+                if p is None or not p.is_floating_point() or p.dim() == 0 or id(p) in adapter_ids:
+                    continue
+                if (id(module), name) in adapted:
+                    continue
+                out.setdefault(module, {})[name] = index.setdefault(id(p), len(self.layers) + len(index))
+        return out
 
     def strength(self) -> dict[str, float]:
         return {"sigma": self.sigma_t()}
@@ -148,13 +172,27 @@ class FlatLoRA(Method):
 
         return forward
 
+    def _noisy(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``scope="all"``: p ↦ p + ε, rows of ε (dim 0; single entries of a vector) drawn as
+        N(0, (σ_t·‖p_i‖/√n)²), from the same per-(seed, step, index) generators as the layers."""
+        seed, sigma = self._layer_seed(index), self.sigma_t()
+
+        def make(p: torch.Tensor) -> torch.Tensor:
+            rows = p.detach().reshape(p.shape[0], -1)
+            n = rows.shape[1]
+            std = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).mul_(sigma / math.sqrt(n))
+            return p + filter_noise(std, n, seed).reshape(p.shape).to(p.dtype)
+
+        return make
+
     def _backward(self, loss_fn, backward_fn, **kwargs):
         if self.sigma_t() == 0.0:
             loss = loss_fn()
             backward_fn(loss)
             return loss.detach()
         patches = {layer: self._patch(i, layer) for i, (_, layer) in enumerate(self.layers)}
-        with _peft.patched_base_forward(patches):
+        others = {m: {name: self._noisy(i) for name, i in names.items()} for m, names in self._others.items()}
+        with _peft.patched_base_forward(patches), perturbed_parameters(others):
             loss = loss_fn()
             backward_fn(loss)
         return loss.detach()
