@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Options that change the estimator under DDP: ranks still agree, but no longer equal one process.
 VARIANTS = [
     "flat_lora:noise=per_rank",
-    *(f"{m}:sync_first_pass=false" for m in ("lora_sam", "sam_full", "fm_lora", "eflat_lora")),
+    *(f"{m}:sync_first_pass=false" for m in ("lora_sam", "sam_full", "fm_lora")),
 ]
 
 

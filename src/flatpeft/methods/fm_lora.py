@@ -74,9 +74,6 @@ class _FullSpaceConfig(MethodConfig):
     damping: float = option(
         1e-4, "Relative damping δ of the r×r solves: λ = δ·tr(Gram)/r.", min=0.0, min_exclusive=True
     )
-    sync_first_pass: bool = option(
-        True, "Under DDP, all-reduce the clean (first-pass) gradient so every rank perturbs identically."
-    )
 
     def validate(self) -> None:
         if self.rho_schedule == "cosine" and self.total_steps is None and self.rho > 0:
@@ -89,6 +86,10 @@ class _FullSpaceConfig(MethodConfig):
 @dataclass(frozen=True)
 class FMLoRAConfig(_FullSpaceConfig):
     """FMLoRA: two-pass full-space SAM mapped onto B."""
+
+    sync_first_pass: bool = option(
+        True, "Under DDP, all-reduce the clean (first-pass) gradient so every rank perturbs identically."
+    )
 
     method = "fm_lora"
 
@@ -232,14 +233,6 @@ class _FullSpace(Method):
         grads = [(full(ga), full(gb)) for ga, gb in grads]
         return perturbation_directions(factors, grads, self.scalings, self.config.norm, self.config.damping)
 
-    def _clean_directions(self, loss_fn, backward_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The clean loss and unit E_B from its gradient (accumulated ``.grad`` left untouched)."""
-        with self._first_pass_context(self.config.sync_first_pass):
-            wanted = [p for pair in self.factors for p in pair]
-            loss, flat = first_pass_gradients(loss_fn, wanted, self.parameters(), backward_fn)
-        grads = list(zip(flat[0::2], flat[1::2], strict=True))
-        return loss, self._directions(self.factors, grads)
-
     def _backward(self, loss_fn, backward_fn, **kwargs):
         rho = self.rho_t()
         if rho > 0.0:
@@ -261,6 +254,14 @@ class FMLoRA(_FullSpace):
     config_class = FMLoRAConfig
     paper = "EFlat-LoRA / FMLoRA (Deng et al., 2025) arXiv:2508.00522, two-pass FMLoRA"
     passes = 2
+
+    def _clean_directions(self, loss_fn, backward_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The clean loss and unit E_B from its gradient (accumulated ``.grad`` left untouched)."""
+        with self._first_pass_context(self.config.sync_first_pass):
+            wanted = [p for pair in self.factors for p in pair]
+            loss, flat = first_pass_gradients(loss_fn, wanted, self.parameters(), backward_fn)
+        grads = list(zip(flat[0::2], flat[1::2], strict=True))
+        return loss, self._directions(self.factors, grads)
 
     def _perturbed_backward(self, loss_fn, backward_fn, rho):
         rng = RngReplay()
