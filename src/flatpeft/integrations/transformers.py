@@ -159,24 +159,37 @@ class FlatTrainerMixin:
 
     # -- checkpoints and logs -------------------------------------------------------------------------
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every rank runs save_model; under FSDP the Trainer gathers the sharded weights here, so the
+        # adapter is put in its stock form around the gather as well as the write.
+        method = self.flat_method
+        if method is None:
+            return super().save_model(output_dir, _internal_call)
+        with method.exported():
+            super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         method = self.flat_method
         if method is None:
             return super()._save(output_dir, state_dict)
-        with method.exported():
-            super()._save(output_dir, None)
-        _peft.prune_saved_adapters(output_dir or self.args.output_dir, self.model, keep=method.adapter)
+        with method.exported():  # already inside it when called through save_model
+            super()._save(output_dir, state_dict)  # FSDP: the whole weights the Trainer gathered
+        if self.args.should_save:
+            _peft.prune_saved_adapters(output_dir or self.args.output_dir, self.model, keep=method.adapter)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        if self.flat_method is not None and self.args.should_save:
+        if self.flat_method is None:
+            return
+        state = self.flat_method.state_dict()  # on every rank: under FSDP a method gathers its tensors
+        if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
             if os.path.isdir(folder):
-                torch.save(self.flat_method.state_dict(), os.path.join(folder, METHOD_STATE_NAME))
+                torch.save(state, os.path.join(folder, METHOD_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
