@@ -259,6 +259,19 @@ def test_the_base_is_quantized_and_its_weights_stay_bit_identical(bits, sft, tmp
             assert torch.equal(p, frozen[n]), n
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_classifier_keeps_its_new_head_dense_and_trains(bits, tmp_path):
+    from test_train import make_csv
+
+    data, out = make_csv(tmp_path / "small.csv"), tmp_path / "run"
+    cfg = train_lib.resolve(options(data, out, task="classification", **{f"load_in_{bits}bit": True}))
+    run = train_lib.prepare(cfg)
+    head = run.model.base_model.model.classifier.modules_to_save["default"]
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32 and head.weight.requires_grad
+    train_lib.train(cfg)
+    assert peft.PeftModel.from_pretrained(load_model("tiny", "classification", 3)[0], out / "adapter")
+
+
 def test_sam_full_refuses_a_quantized_base_and_writes_nothing(sft, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(argv(sft, out, "--load-in-4bit", "--method", "sam_full")) == 2

@@ -217,15 +217,19 @@ def load_options(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     if cfg.load_in_4bit or cfg.load_in_8bit:
         from transformers import BitsAndBytesConfig
 
+        # A classification head is new and trained (PEFT's modules_to_save: classifier / score): keep it
+        # dense. Causal-LM: Transformers' own choice (the output layer stays dense).
+        skip = ["classifier", "score"] if cfg.task == "classification" else None
         if cfg.load_in_4bit:
             quantization = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=_DTYPES[cfg.precision],
+                llm_int8_skip_modules=skip,
             )
         else:
-            quantization = BitsAndBytesConfig(load_in_8bit=True)
+            quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         options |= {"quantization_config": quantization, "device": device}
     return options
 
