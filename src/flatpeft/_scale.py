@@ -354,8 +354,20 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
 # -- checkpoint I/O -------------------------------------------------------------------------------------
 
 
+def _named_root(model: nn.Module, method: Any) -> nn.Module:
+    """The module checkpoints address parameters through: the model, plus the method's own parameters
+    (BiLoRA's λ: the optimizer updates them, the model does not hold them) under ``method.``."""
+    own = getattr(method, "own_parameters", dict)()
+    if not own:
+        return model
+    root = nn.Module()
+    root.model = model
+    root.method = nn.ParameterDict(own)
+    return root
+
+
 def save_weights(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool, method: Any = None
 ) -> dict[str, Any]:
     """The trainable weights and the optimizer state of a checkpoint.
 
@@ -373,13 +385,19 @@ def save_weights(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    root = _named_root(model, method)
+    weights, optim = get_state_dict(root, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=str(folder / SHARDED))
     return {"sharded": SHARDED}
 
 
 def load_weights(
-    folder: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
+    folder: Path,
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sharded: bool,
+    method: Any = None,
 ) -> None:
     """Restore what :func:`save_weights` wrote (load the method's state after this: see there).
 
@@ -403,7 +421,8 @@ def load_weights(
     # The keys to load are this model's trainable weights; DCP raises if the checkpoint lacks one.
     # Not strict: the frozen weights are not in the checkpoint.
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    weights, optim = get_state_dict(model, optimizer, options=options)
+    root = _named_root(model, method)
+    weights, optim = get_state_dict(root, optimizer, options=options)
     both = {"model": weights, "optimizer": optim}
     try:
         dcp.load(both, checkpoint_id=str(folder / state["sharded"]))
@@ -412,7 +431,7 @@ def load_weights(
             f"{folder}: the checkpoint does not match this model ({e}); start a new --out"
         ) from e
     set_state_dict(
-        model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"], options=options
+        root, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"], options=options
     )
 
 

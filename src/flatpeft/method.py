@@ -108,6 +108,11 @@ class Method:
         """Every parameter the optimizer must update (trainable model parameters, auxiliary ones included)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def own_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable parameters the method keeps outside the model (e.g. BiLoRA's λ), by stable names
+        without dots, for code that addresses parameters by name (``torch.distributed.checkpoint``)."""
+        return {}
+
     def no_decay_parameters(self) -> list[nn.Parameter]:
         """Parameters that must get no weight decay (e.g. an adversarial auxiliary branch)."""
         return []

@@ -453,7 +453,7 @@ def _save_checkpoint(run: Run, out: Path, step: int, rng: dict[str, Any], histor
         tmp.mkdir(parents=True)
     run.ranks.barrier()
     if run.cfg.fsdp or run.ranks.main:
-        weights = _scale.save_weights(tmp, run.model, run.optimizer, sharded=run.cfg.fsdp)
+        weights = _scale.save_weights(tmp, run.model, run.optimizer, sharded=run.cfg.fsdp, method=run.method)
     if run.ranks.main:
         state = {
             "step": step,
@@ -484,7 +484,7 @@ def _load_checkpoint(run: Run, path: Path) -> tuple[int, dict[str, list]]:
             f"({'torchrun --nproc_per_node ' + str(world) if world > 1 else 'without torchrun'})"
         )
     rng = state["rng_ranks"][run.ranks.rank] if "rng_ranks" in state else state["rng"]
-    _scale.load_weights(path, state, run.model, run.optimizer, sharded=run.cfg.fsdp)
+    _scale.load_weights(path, state, run.model, run.optimizer, sharded=run.cfg.fsdp, method=run.method)
     run.scheduler.load_state_dict(state["scheduler"])
     run.method.load_state_dict(state["method"])  # after the optimizer (see _scale.save_weights)
     run.precision.load_state_dict(state.get("scaler"))

@@ -285,6 +285,9 @@ class BilevelLoRA(Method):
     def no_decay_parameters(self) -> list[nn.Parameter]:
         return list(self.lambdas)
 
+    def own_parameters(self) -> dict[str, nn.Parameter]:
+        return {f"bilevel_lora_lambda_{i}": lam for i, lam in enumerate(self.lambdas)}
+
     def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """V with ``weight_decay``; λ with no weight decay and its own ``lr = upper_lr``."""
         return [
