@@ -33,14 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIONS = {"model": "tiny", "task": "causal-lm", "max_steps": 4, "batch_size": 8, "lr": 0.01, "rank": 4}
 OPTIONS |= {"checkpoint_every": 2, "log_every": 1, "progress": False}
 LLM_SCALE = ["--fsdp", "--precision", "bf16", "--gradient-checkpointing"]
-# bilevel_lora keeps its λ vectors on the method, outside the model, where torch.distributed.checkpoint's
-# get_state_dict cannot name them: its first sharded checkpoint fails (KeyError in get_state_dict).
-FSDP_KNOWN_FAILURES = {"bilevel_lora": "λ parameters live outside the model: DCP cannot checkpoint them"}
-
-
-def _xfail_known(method: str):
-    reason = FSDP_KNOWN_FAILURES.get(method)
-    return pytest.param(method, marks=pytest.mark.xfail(reason=reason)) if reason else method
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +387,7 @@ def fsdp_resumed(fsdp_runs, tmp_path_factory):
     return out, _run_jobs(out, jobs)
 
 
-@pytest.mark.parametrize("method", [_xfail_known(m) for m in flatpeft.list_methods()])
+@pytest.mark.parametrize("method", flatpeft.list_methods())
 def test_fsdp_writes_one_run_folder_with_a_stock_adapter(method, fsdp_runs, sft, tmp_path):
     runs, codes = fsdp_runs
     assert codes[method] == [0, 0], codes[method]
@@ -423,7 +415,7 @@ def test_fsdp_writes_one_run_folder_with_a_stock_adapter(method, fsdp_runs, sft,
     )
 
 
-@pytest.mark.parametrize("method", [_xfail_known(m) for m in flatpeft.list_methods()])
+@pytest.mark.parametrize("method", flatpeft.list_methods())
 def test_fsdp_resume_reproduces_the_uninterrupted_run(method, fsdp_runs, fsdp_resumed):
     runs, _ = fsdp_runs
     resumed, codes = fsdp_resumed

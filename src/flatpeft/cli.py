@@ -3,6 +3,7 @@
     flatpeft methods                                   # every method, its options and defaults
     flatpeft train --method flat_lora --opt sigma=0.1  # one run folder (MiniLM + tweets by default)
     torchrun --nproc_per_node 2 -m flatpeft train ...  # the same run, data-parallel (one run folder)
+    torchrun --nproc_per_node 2 -m flatpeft train --fsdp --precision bf16 --gradient-checkpointing ...
     flatpeft compare --methods lora flat_lora:sigma=0.1 --seeds 0 1 2
     flatpeft sharpness --adapter runs/flat_lora-seed0  # flatness of a trained adapter, full vs LoRA space
 
