@@ -366,11 +366,12 @@ def _run_jobs(folder, jobs: dict[str, list[str]]) -> dict[str, list[int | str]]:
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory, sft):
     """Every method with --fsdp --precision bf16 --gradient-checkpointing; lora in fp32 (to compare
-    with one process) and in fp16 (the sharded grad scaler)."""
+    with one process) and in fp16 (the sharded grad scaler); and a 4-bit base under DDP."""
     out = tmp_path_factory.mktemp("fsdp")
     jobs = {m: argv(sft, out / m, *LLM_SCALE, "--method", m) for m in flatpeft.list_methods()}
     jobs["lora-fp32"] = argv(sft, out / "lora-fp32", "--fsdp")
     jobs["lora-fp16"] = argv(sft, out / "lora-fp16", "--fsdp", "--precision", "fp16")
+    jobs["ddp-4bit"] = argv(sft, out / "ddp-4bit", "--load-in-4bit", "--method", "flat_lora")  # QLoRA + DDP
     return out, _run_jobs(out, jobs)
 
 
@@ -440,6 +441,15 @@ def test_fsdp_fp16_uses_the_sharded_grad_scaler_and_resumes(fsdp_runs, fsdp_resu
     resumed, codes = fsdp_resumed
     assert codes["lora-fp16"] == [0, 0]
     assert_same_adapter(adapter(runs / "lora-fp16"), adapter(resumed / "lora-fp16"))
+
+
+def test_a_4bit_base_trains_data_parallel_and_resumes(fsdp_runs, fsdp_resumed):
+    runs, codes = fsdp_runs
+    assert codes["ddp-4bit"] == [0, 0]  # every rank loads its own quantized copy of the tiny model
+    assert json.loads((runs / "ddp-4bit" / "config.json").read_text())["world_size"] == 2
+    resumed, codes = fsdp_resumed
+    assert codes["ddp-4bit"] == [0, 0]
+    assert_same_adapter(adapter(runs / "ddp-4bit"), adapter(resumed / "ddp-4bit"))
 
 
 # -- the worker (run by torchrun) -----------------------------------------------------------------------

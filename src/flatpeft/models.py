@@ -184,8 +184,12 @@ def load_model(
             return (model if dtype is None else model.to(dtype)), tokenizer
         import tempfile
 
+        from safetensors.torch import save_file
+
         with tempfile.TemporaryDirectory(prefix="flatpeft-tiny-", ignore_cleanup_errors=True) as folder:
-            model.save_pretrained(folder)
+            # Not save_pretrained: under torchrun it writes on rank 0 only, and every rank needs a copy.
+            model.config.save_pretrained(folder)
+            save_file(model.state_dict(), os.path.join(folder, "model.safetensors"))
             tokenizer.save_pretrained(folder)
             model, _ = load_model(
                 folder, task, num_labels, seed, dtype=dtype, quantization_config=quantization_config,
