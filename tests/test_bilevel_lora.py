@@ -457,6 +457,22 @@ def test_resume_from_a_folded_checkpoint_is_exact():
     assert all(torch.equal(a, b) for a, b in zip(ref.lambdas, method2.lambdas, strict=True))
 
 
+def test_flat_trainer_refuses_accelerate_fsdp_with_a_clear_error(tmp_path):
+    """λ lives outside the model: Accelerate's FSDP maps optimizer parameters to the model's by name."""
+    from transformers import TrainingArguments
+
+    batch = make_batch(0, n=10)
+    data = [{k: v[i] for k, v in batch.items()} for i in range(10)]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    trainer = flatpeft.FlatTrainer(model=tiny_bert(), args=args, train_dataset=data, method="bilevel_lora")
+    trainer.is_fsdp_enabled = True  # what an Accelerate FSDP launch sets (CPU falls back to DDP)
+    with pytest.raises(ValueError, match="flatpeft train --fsdp"):
+        trainer.create_optimizer()
+    assert set(trainer.flat_method.own_parameters()) == {
+        f"bilevel_lora_lambda_{i}" for i in range(len(trainer.flat_method.lambdas))
+    }
+
+
 def test_flat_trainer_splits_the_data_and_trains_both_levels(tmp_path):
     from transformers import TrainingArguments
 

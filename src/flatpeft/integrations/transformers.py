@@ -101,6 +101,12 @@ class FlatTrainerMixin:
 
     def create_optimizer(self, model=None):
         method = self._ensure_method()
+        if getattr(self, "is_fsdp_enabled", False) and method.own_parameters():
+            raise ValueError(
+                f"{method.config.method} keeps trainable parameters outside the model "
+                f"({', '.join(method.own_parameters())}), which Accelerate's FSDP cannot map to the sharded "
+                "model; train it with `torchrun -m flatpeft train --fsdp`, or with FlatTrainer under DDP"
+            )
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         _apply_group_options(optimizer, method.param_groups(self.args.weight_decay))
         method.bind(optimizer)
