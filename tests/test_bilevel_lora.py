@@ -498,7 +498,7 @@ def test_flat_trainer_splits_the_data_and_trains_both_levels(tmp_path):
         method="bilevel_lora",
         method_config={"lower_steps": 1, "upper_steps": 1, "upper_lr": 0.05},
     )
-    d1, d2 = split_indices(30, 0.8, seed=0)
+    d1, d2 = split_indices(30, 0.8, seed=args.seed)  # the Trainer's seed reaches the method
     assert list(trainer.train_dataset.indices) == d1 and list(trainer.upper_dataset.indices) == d2
     trainer.train()
     method = trainer.flat_method

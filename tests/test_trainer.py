@@ -207,3 +207,23 @@ def test_mixin_with_trl_sft_trainer(tmp_path):
     sigmas = [h["sigma"] for h in trainer.state.log_history if "sigma" in h]
     assert sigmas == pytest.approx([0.0, 0.05 * 0.25, 0.05 * 0.75])  # cosine ramp at t = 0, 1, 2 of T = 3
     assert_bit_identical(frozen, frozen_state(model))
+
+
+def test_method_seed_follows_the_trainer_seed_unless_given(tmp_path):
+    """Different Trainer seeds must give different method randomness (noise, auxiliary start, split)."""
+    from transformers import TrainingArguments
+
+    def trainer(method="flat_lora", **kwargs):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), report_to="none", use_cpu=True, seed=7, max_steps=1
+        )
+        return flatpeft.FlatTrainer(
+            model=tiny_bert(), args=args, train_dataset=_dataset(), method=method, **kwargs
+        )
+
+    t = trainer()
+    assert t.flat_config.seed == 7
+    t.create_optimizer()
+    assert t.flat_method.config.seed == 7
+    assert trainer(method_config={"seed": 3}).flat_config.seed == 3  # an explicit seed wins
+    assert trainer(method=flatpeft.make_config("flat_lora", seed=5, total_steps=4)).flat_config.seed == 5

@@ -44,7 +44,9 @@ class FlatTrainerMixin:
     Args:
         method: Registry name or config instance (default ``"lora"``).
         method_config: Config overrides, e.g. ``{"sigma": 0.1}``. ``total_steps`` is taken from the
-            Trainer's max steps unless given here.
+            Trainer's max steps and ``seed`` from ``TrainingArguments.seed`` unless given here (or in a
+            config instance passed as ``method``), so runs with different Trainer seeds draw different
+            noise, auxiliary starts and data splits.
         upper_dataset: For methods with ``needs_upper_loss`` (bi-level), the D2 split; by default the
             training set is split with the config's ``split`` fraction and its ``seed``.
         *args, **kwargs: Passed to the Trainer.
@@ -63,6 +65,8 @@ class FlatTrainerMixin:
         self.flat_config = make_config(method, **_with_placeholder_steps(method, overrides))
         self.flat_method: Method | None = None
         super().__init__(*args, **kwargs)
+        if "seed" not in overrides and not isinstance(method, MethodConfig):
+            self.flat_config = self.flat_config.replace(seed=int(self.args.seed))
         self._upper_loader = None
         self._upper_iter = None
         if get_method(self.flat_config.method).needs_upper_loss:
