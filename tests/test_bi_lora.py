@@ -425,3 +425,76 @@ def test_trainer_resume_restores_aux(tmp_path):
     model, resumed = make(4)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert_bit_identical(trainable_state(ref_model), trainable_state(model))
+
+
+@pytest.mark.parametrize("clip_aux", [False, True])
+def test_gradient_clipping_covers_the_descent_gradients_only_by_default(tmp_path, clip_aux):
+    """max_grad_norm in FlatTrainer: with a clip of 1e-12 AdamW's first step barely moves what is
+    clipped (its gradient falls far below eps) and moves the rest by about lr."""
+    data = [{k: v[i] for k, v in make_batch(0, n=8).items()} for i in range(8)]
+    lr = 1e-2
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=1,
+        learning_rate=lr,
+        max_grad_norm=1e-12,
+        lr_scheduler_type="constant",
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    config = {"aux_init": "random", "clip": "none", "grad_clip_aux": clip_aux}
+    trainer = flatpeft.FlatTrainer(
+        model=tiny_bert(), args=args, train_dataset=data, method="bi_lora", method_config=config
+    )
+    trainer.create_optimizer()
+    method = trainer.flat_method
+    aux = {id(p) for p in method.aux_params}
+    assert ({id(p) for p in method.clip_parameters()} >= aux) == clip_aux
+    before = {id(p): p.detach().clone() for p in method.parameters()}
+    trainer.train()
+    moved = {i: float((p.detach() - before[i]).abs().max()) for p in method.parameters() if (i := id(p))}
+    assert max(v for i, v in moved.items() if i not in aux) < 0.01 * lr  # the primary: clipped
+    aux_moved = max(moved[i] for i in aux)
+    assert (aux_moved < 0.01 * lr) if clip_aux else (aux_moved > 0.5 * lr)
+
+
+def test_train_loop_clips_the_method_clip_parameters(tmp_path, monkeypatch):
+    """flatpeft train clips what the method names: Bi-LoRA's descent parameters, never its ascent."""
+    import json
+
+    import flatpeft.method as method_lib
+    from flatpeft import _scale
+    from flatpeft import train as train_lib
+
+    attached, clipped = [], []
+    real_attach, real_clip = method_lib.attach, _scale.clip_grad_norm
+    monkeypatch.setattr(
+        method_lib, "attach", lambda *a, **k: attached.append(real_attach(*a, **k)) or attached[-1]
+    )
+
+    def clip(params, max_norm):
+        method = attached[-1]
+        clipped.append(
+            ({id(p) for p in params}, {id(p) for p in method.aux_params}, len(method.parameters()))
+        )
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(_scale, "clip_grad_norm", clip)
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"w{i % 7} x{i % 3}", "label": i % 3}) + "\n" for i in range(40))
+    )
+    options = {
+        "model": "tiny",
+        "data": str(path),
+        "out": str(tmp_path / "run"),
+        "max_steps": 2,
+        "batch_size": 8,
+    }
+    train_lib.train({**options, "method": "bi_lora", "checkpoint_every": 0, "progress": False})
+    assert len(clipped) == 2
+    for ids, aux, total in clipped:
+        assert aux and not ids & aux and len(ids) == total - len(aux)

@@ -108,6 +108,12 @@ class Method:
         """Every parameter the optimizer must update (trainable model parameters, auxiliary ones included)."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def clip_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients a max-norm clip covers (``flatpeft train``, ``FlatTrainer``;
+        in a plain loop: ``clip_grad_norm_(method.clip_parameters(), max_norm)``). All of
+        :meth:`parameters` unless a method says otherwise (Bi-LoRA leaves its ascent out)."""
+        return self.parameters()
+
     def own_parameters(self) -> dict[str, nn.Parameter]:
         """Trainable parameters the method keeps outside the model (e.g. BiLoRA's λ), by stable names
         without dots, for code that addresses parameters by name (``torch.distributed.checkpoint``)."""

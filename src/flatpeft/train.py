@@ -139,6 +139,9 @@ class FullFineTune:
     def strength(self) -> dict[str, float]:
         return {}
 
+    def clip_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def detach(self) -> nn.Module:
         return self.model
 
@@ -556,7 +559,6 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
 
     stream = Stream(run.splits.train, cfg.batch_size, cfg.seed)
     upper_stream = Stream(run.upper, cfg.batch_size, cfg.seed + 1) if run.upper else None
-    params = [p for group in run.optimizer.param_groups for p in group["params"]]
     stop = {"asked": False}
     previous_handler = None
     if hasattr(signal, "SIGINT") and _main_thread():
@@ -605,7 +607,7 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
                 what = f"the loss is {bad_loss}" if bad_loss is not None else "the loss on another rank"
                 raise Diverged(_diverged_message(cfg, out, step, what))
             run.precision.unscale(run.optimizer)  # fp16: true gradients before clipping
-            grad_norm = _scale.clip_grad_norm(params, cfg.max_grad_norm or math.inf)
+            grad_norm = _scale.clip_grad_norm(run.method.clip_parameters(), cfg.max_grad_norm or math.inf)
             if not math.isfinite(grad_norm) and run.precision.scaler is None:  # the same on every rank
                 raise Diverged(_diverged_message(cfg, out, step, f"the gradient norm is {grad_norm}"))
             stepped = run.precision.step(run.optimizer)  # fp16: False when the scaler skips an overflow

@@ -116,6 +116,15 @@ class FlatTrainerMixin:
         method.bind(optimizer)
         return optimizer
 
+    def _clip_grad_norm(self, model):
+        """Clip :meth:`Method.clip_parameters` (Bi-LoRA: the descent gradients only) instead of every
+        parameter, where the Trainer clips through this hook."""
+        method = self._ensure_method()
+        clip = method.clip_parameters()
+        if len(clip) == len(method.parameters()):
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(clip, self.args.max_grad_norm)
+
     # -- the step -----------------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):

@@ -39,6 +39,10 @@ Pitfalls handled here:
 - Weight decay would pull the perturbation towards 0: :meth:`BiLoRA.no_decay_parameters` lists the
   auxiliary factors (``FlatTrainer`` and ``param_groups`` put them in a group with decay 0; in a plain
   loop use ``AdamW(method.param_groups(wd), lr=...)``). They use the same learning rate as the primary.
+- Max-norm gradient clipping (``max_grad_norm``) is not in the paper: ``clip_parameters()`` leaves the
+  auxiliary (ascent) gradients out, so they neither count in the norm nor get rescaled
+  (``grad_clip_aux=True`` clips them with the rest). ``flatpeft train`` and ``FlatTrainer`` clip
+  ``clip_parameters()``; in a plain loop use ``clip_grad_norm_(method.clip_parameters(), max_norm)``.
 - Clipping rescales the factors after ``optimizer.step()`` (step post-hook, once per optimizer step)
   and leaves the optimizer's state for them untouched, as in the paper.
 - The returned loss is the loss at the perturbed point, slightly above plain LoRA's training loss.
@@ -89,6 +93,12 @@ class BiLoRAConfig(MethodConfig):
     )
     aux_init: Literal["zero", "random"] = option(
         "zero", "Auxiliary start: zero (PEFT default, B2 = 0) or random (B2 drawn, scaled to norm ρ)."
+    )
+    grad_clip_aux: bool = option(
+        False,
+        "Whether max-norm gradient clipping (clip_parameters(): flatpeft train, FlatTrainer) also covers "
+        "the negated auxiliary gradients; the paper clips nothing but the branch's norm, so by default "
+        "only the primary (descent) gradients are clipped.",
     )
     aux_lr: float | None = option(
         None,
@@ -143,6 +153,14 @@ class BiLoRA(Method):
     def no_decay_parameters(self) -> list[torch.nn.Parameter]:
         """The auxiliary factors: weight decay would shrink the adversarial perturbation."""
         return list(self.aux_params)
+
+    def clip_parameters(self) -> list[torch.nn.Parameter]:
+        """The descent parameters only, unless ``grad_clip_aux``: a max-norm clip must neither count the
+        ascent gradients in the norm nor rescale them."""
+        if self.config.grad_clip_aux:
+            return self.parameters()
+        aux = {id(p) for p in self.aux_params}
+        return [p for p in self.parameters() if id(p) not in aux]
 
     def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """The primary adapter (and any other trainable weight) with ``weight_decay``; the auxiliary
