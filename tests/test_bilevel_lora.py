@@ -608,3 +608,37 @@ def test_darts_releases_each_pass():
     method.step = 1
     assert method.upper_level()
     assert_passes_released(method, model)
+
+
+@pytest.mark.parametrize("hypergradient", ["first_order", "darts"])
+def test_train_loop_reads_every_d1_example_once_per_epoch(tmp_path, monkeypatch, hypergradient):
+    """flatpeft train: first-order upper steps draw no D1 micro-batch, so one epoch of lower steps
+    covers D1 exactly once; the step count follows (T1 : T2 = 2 : 1 adds one upper step per two)."""
+    import json
+
+    from flatpeft import train as train_lib
+
+    drawn = []
+    real = train_lib.Stream.__getitem__
+    monkeypatch.setattr(
+        train_lib.Stream, "__getitem__", lambda self, j: drawn.append((id(self), j)) or real(self, j)
+    )
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"w{i % 7} x{i % 3}", "label": i % 3}) + "\n" for i in range(60))
+    )
+    options = {"model": "tiny", "data": str(path), "out": str(tmp_path / "run"), "batch_size": 4}
+    options |= {"val_size": 0, "test_size": 0.2, "checkpoint_every": 0, "progress": False, "epochs": 1}
+    options |= {"method": "bilevel_lora", "method_options": {"lower_steps": 2, "upper_steps": 1}}
+    options["method_options"]["hypergradient"] = hypergradient
+    metrics = train_lib.train(options)
+    streams = list(dict.fromkeys(s for s, _ in drawn))
+    d1 = [j for s, j in drawn if s == streams[0]]
+    d2 = [j for s, j in drawn if s != streams[0]]
+    n1 = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["train"]["n"]
+    micro = -(-n1 // 4)  # one epoch of D1 micro-batches
+    upper = [s % 3 == 2 for s in range(metrics["steps"])]
+    reading = [not u or hypergradient == "darts" for u in upper]
+    assert sum(reading) == micro and reading[-1]  # the run ends when one epoch of D1 is read
+    assert d1 == list(range(micro))  # every D1 micro-batch once, none drawn and thrown away
+    assert d2 == list(range(sum(upper)))

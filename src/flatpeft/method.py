@@ -104,6 +104,13 @@ class Method:
             )
         return self._backward(loss_fn, backward_fn or _plain_backward, **kwargs)
 
+    @classmethod
+    def data_used(cls, config: MethodConfig, step: int) -> tuple[bool, bool]:
+        """Which micro-batches optimizer step ``step`` (0-based) reads: (a training batch, through
+        ``loss_fn``; an upper-split batch, through ``upper_loss_fn``). A loop draws only those, so no
+        example is drawn and thrown away (BiLoRA's first-order upper steps read no training batch)."""
+        return True, cls.needs_upper_loss
+
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter the optimizer must update (trainable model parameters, auxiliary ones included)."""
         return [p for p in self.model.parameters() if p.requires_grad]

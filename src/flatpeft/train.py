@@ -113,6 +113,11 @@ class FullFineTune:
     """``--method full``: every weight trained with plain backward (the method contract, no adapters)."""
 
     needs_upper_loss = False
+    config = None
+
+    @classmethod
+    def data_used(cls, config: Any, step: int) -> tuple[bool, bool]:
+        return True, False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -182,6 +187,24 @@ def _micro_per_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+def _data_used(cfg: TrainConfig) -> Any:
+    """``step -> (reads a training batch, reads an upper-split batch)`` for the run's method."""
+    if cfg.method == FULL:
+        return lambda step: FullFineTune.data_used(None, step)
+    cls, config = get_method(cfg.method), _method_config(cfg, 1)
+    return lambda step: cls.data_used(config, step)
+
+
+def _steps_reading(cfg: TrainConfig, reading: int) -> int:
+    """The number of optimizer steps of which ``reading`` read the training set (BiLoRA's upper steps
+    do not: every D1 example reaches the lower level once per epoch, and the step count follows)."""
+    used, steps, count = _data_used(cfg), 0, 0
+    while count < reading:
+        count += used(steps)[0]
+        steps += 1
+    return steps
+
+
 def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
     """Load the data, model and method and build the optimizer and scheduler; write nothing.
 
@@ -219,7 +242,8 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
             raise ConfigError(f"{cfg.method}: split={d1} leaves an empty D1 or D2; use more training data")
         splits.train = train_set
     micro = _micro_per_epoch(len(train_set), cfg.batch_size)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))
+    reading = max(1, math.ceil(cfg.epochs * micro / cfg.grad_accum))  # steps that read the training set
+    total_steps = cfg.max_steps or _steps_reading(cfg, reading)
     method_config = _method_config(cfg, total_steps)
 
     device = ranks.device
@@ -559,6 +583,9 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
 
     stream = Stream(run.splits.train, cfg.batch_size, cfg.seed)
     upper_stream = Stream(run.upper, cfg.batch_size, cfg.seed + 1) if run.upper else None
+    used = _data_used(cfg)
+    # Micro-batches drawn so far from each stream: only the steps that read a stream advance it.
+    drawn = [sum(used(s)[k] for s in range(start)) * cfg.grad_accum for k in (0, 1)]
     stop = {"asked": False}
     previous_handler = None
     if hasattr(signal, "SIGINT") and _main_thread():
@@ -587,17 +614,22 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
                 )
             t0 = time.perf_counter()
             step_loss, bad_loss = 0.0, None
-            for micro in range(cfg.grad_accum):
-                j = step * cfg.grad_accum + micro
-                examples, weight = ranks.shard(stream[j])  # (all of micro-batch j, 1.0) in one process
-                batch = run.batch(examples)
-                extra = {}
+            reads_train, reads_upper = used(step)
+            for _ in range(cfg.grad_accum):
+                loss_fn, extra = _unused_loss, {}
+                if reads_train:  # (all of micro-batch j, 1.0) in one process
+                    examples, weight = ranks.shard(stream[drawn[0]])
+                    loss_fn, drawn[0] = _loss_fn(run, run.batch(examples), weight), drawn[0] + 1
                 if upper_stream is not None:
-                    upper_examples, upper_weight = ranks.shard(upper_stream[j])
-                    extra["upper_loss_fn"] = _loss_fn(run, run.batch(upper_examples), upper_weight)
-                loss = run.method.backward(
-                    _loss_fn(run, batch, weight), backward_fn=run.precision.backward_fn, **extra
-                )
+                    upper_fn = _unused_loss
+                    if reads_upper:
+                        upper_examples, upper_weight = ranks.shard(upper_stream[drawn[1]])
+                        upper_fn, drawn[1] = (
+                            _loss_fn(run, run.batch(upper_examples), upper_weight),
+                            drawn[1] + 1,
+                        )
+                    extra["upper_loss_fn"] = upper_fn
+                loss = run.method.backward(loss_fn, backward_fn=run.precision.backward_fn, **extra)
                 if not torch.isfinite(loss) and bad_loss is None:
                     bad_loss = float(loss)
                 step_loss += float(loss)
@@ -653,6 +685,11 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
     run.model = model
     metrics = _finish(run, out, stream, history) if ranks.main or cfg.fsdp else None
     return ranks.broadcast(metrics)
+
+
+def _unused_loss() -> torch.Tensor:
+    """The loss closure of a stream the step does not read (``Method.data_used``)."""
+    raise RuntimeError("this optimizer step reads no micro-batch from this data (see Method.data_used)")
 
 
 def _loss_fn(run: Run, batch: dict[str, torch.Tensor], weight: float):

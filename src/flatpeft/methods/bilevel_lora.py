@@ -276,8 +276,13 @@ class BilevelLoRA(Method):
 
     def upper_level(self) -> bool:
         """Whether the current optimizer step trains λ (upper level) rather than P, Q (lower level)."""
-        c = self.config
-        return self.step % (c.lower_steps + c.upper_steps) >= c.lower_steps
+        return self.data_used(self.config, self.step)[1]
+
+    @classmethod
+    def data_used(cls, config: BilevelLoRAConfig, step: int) -> tuple[bool, bool]:
+        """Lower steps read D1; upper steps read D2, and D1 too only for darts' unrolled step."""
+        upper = step % (config.lower_steps + config.upper_steps) >= config.lower_steps
+        return (not upper or config.hypergradient == "darts"), upper
 
     def parameters(self) -> list[nn.Parameter]:
         return [*self.lower, *self.lambdas]
