@@ -642,3 +642,28 @@ def test_train_loop_reads_every_d1_example_once_per_epoch(tmp_path, monkeypatch,
     assert sum(reading) == micro and reading[-1]  # the run ends when one epoch of D1 is read
     assert d1 == list(range(micro))  # every D1 micro-batch once, none drawn and thrown away
     assert d2 == list(range(sum(upper)))
+
+
+def test_upper_data_val_makes_the_validation_split_d2(tmp_path):
+    """--upper-data val: D2 is the validation split and D1 the whole training set; refused without a
+    validation split or for a method without an upper level, before anything is written."""
+    import json
+
+    from flatpeft import train as train_lib
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "".join(json.dumps({"text": f"w{i % 7} x{i % 3}", "label": i % 3}) + "\n" for i in range(60))
+    )
+    options = {"model": "tiny", "data": str(path), "batch_size": 4, "max_steps": 5, "checkpoint_every": 0}
+    options |= {"progress": False, "val_size": 0.2, "test_size": 0.2, "method": "bilevel_lora"}
+    options["method_options"] = {"lower_steps": 1, "upper_steps": 1}
+    train_lib.train({**options, "out": str(tmp_path / "run"), "upper_data": "val"})
+    data = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert data["upper_n"] == data["val"]["n"] == 12 and data["train"]["n"] == 60 - 12 - 12
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["upper_data"] == "val"
+    lora = {"method": "lora", "method_options": {}}
+    for bad, match in [({"val_size": 0}, "val-size > 0"), (lora, "upper level")]:
+        with pytest.raises(ValueError, match=match):
+            train_lib.train({**options, **bad, "out": str(tmp_path / "bad"), "upper_data": "val"})
+        assert not (tmp_path / "bad").exists()

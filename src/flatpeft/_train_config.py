@@ -50,6 +50,11 @@ class TrainConfig:
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "method options (--opt key=value, repeatable)"}
     )
+    upper_data: Literal["split", "val"] = _opt(
+        "split",
+        "bi-level methods' D2: split (a seeded part of the training set, the method's split option) or val "
+        "(the validation split; the whole training set is D1)",
+    )
     rank: int = _opt(8, "LoRA rank r")
     alpha: float = _opt(16.0, "LoRA alpha (scaling alpha / r)")
     lora_dropout: float = _opt(0.0, "LoRA dropout")
@@ -133,6 +138,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         if self.task not in ("classification", "causal-lm"):
             raise ConfigError(f"task must be classification or causal-lm, got {self.task!r}")
+        if self.upper_data not in ("split", "val"):
+            raise ConfigError(f"upper_data must be split or val, got {self.upper_data!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.gradient_checkpointing_reentrant and not self.gradient_checkpointing:

@@ -234,7 +234,16 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
         eval_data=cfg.eval_data,
     )
     train_set, upper = splits.train, []
-    if cfg.method != FULL and get_method(cfg.method).needs_upper_loss:
+    bilevel = cfg.method != FULL and get_method(cfg.method).needs_upper_loss
+    if cfg.upper_data == "val" and not bilevel:
+        raise ConfigError(
+            f"--upper-data val is for methods with an upper level (bilevel_lora), not {cfg.method}"
+        )
+    if bilevel and cfg.upper_data == "val":  # D2 = the validation split, D1 = the whole training set
+        upper = splits.val
+        if not upper:
+            raise ConfigError("--upper-data val needs a validation split: set --val-size > 0")
+    elif bilevel:
         d1 = getattr(_method_config(cfg, 1), "split", 0.8)  # D1 : D2 = split : 1 - split
         n1 = round(d1 * len(splits.train))
         train_set, upper = data_lib.stratified_split(splits.train, [max(n1, 1), None], cfg.data_seed + 2)
