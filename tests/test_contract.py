@@ -23,6 +23,19 @@ from helpers import (
     trainable_state,
 )
 
+# Options that change a method's computation join the contracts they can break.
+VARIANTS = {
+    "flat_lora:scope=all": ("flat_lora", {"scope": "all"}),
+    "bi_lora:aux_lr": ("bi_lora", {"aux_lr": 0.05}),
+    "bilevel_lora:gamma2": ("bilevel_lora", {"g": "sigmoid", "gamma2": 0.1}),
+}
+
+
+@pytest.fixture(params=[*flatpeft.list_methods(), *VARIANTS])
+def method_spec(request) -> tuple[str, dict]:
+    """``(name, options)``: every registered method with its defaults, and the variants above."""
+    return VARIANTS.get(request.param, (request.param, {}))
+
 
 def _zero_strength(name: str) -> dict:
     return {f: 0.0 for f in flatpeft.get_method(name).config_class.strength_fields()}
@@ -33,10 +46,11 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_frozen_weights_bit_identical(method_name, dtype):
+def test_frozen_weights_bit_identical(method_spec, dtype):
+    name, options = method_spec
     model = tiny_bert(dtype=dtype)
     before = frozen_state(model)
-    train(model, method_name, steps=4)
+    train(model, name, steps=4, **options)
     assert_bit_identical(before, frozen_state(model))
 
 
@@ -58,14 +72,15 @@ def test_earlier_passes_are_released(method_name):
     assert_passes_released(method, model)
 
 
-def test_zero_strength_reproduces_plain_backward(method_name):
+def test_zero_strength_reproduces_plain_backward(method_spec):
+    name, options = method_spec
     model = tiny_bert()
     batch = make_batch()
     model(**batch).loss.backward()
     plain = _grads(model)
     model.zero_grad(set_to_none=True)
 
-    method = flatpeft.attach(model, method_name, **defaults_for(method_name, **_zero_strength(method_name)))
+    method = flatpeft.attach(model, name, **defaults_for(name, **options, **_zero_strength(name)))
     method.step = 5
     if method.needs_upper_loss:
         pytest.skip("bi-level methods optimise a different objective (covered in their own tests)")
@@ -165,7 +180,8 @@ def test_detach_leaves_stock_adapter(method_name, tmp_path):
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_state_dict_resume_is_exact(method_name):
+def test_state_dict_resume_is_exact(method_spec):
+    method_name, options = method_spec
     steps, split = 6, 3
 
     def run(model, method, opt, start, stop):
@@ -175,13 +191,13 @@ def test_state_dict_resume_is_exact(method_name):
             opt.zero_grad()
 
     ref_model = tiny_bert()
-    ref = flatpeft.attach(ref_model, method_name, **defaults_for(method_name, total_steps=steps))
+    ref = flatpeft.attach(ref_model, method_name, **defaults_for(method_name, total_steps=steps, **options))
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     ref.bind(ref_opt)
     run(ref_model, ref, ref_opt, 0, steps)
 
     model = tiny_bert()
-    method = flatpeft.attach(model, method_name, **defaults_for(method_name, total_steps=steps))
+    method = flatpeft.attach(model, method_name, **defaults_for(method_name, total_steps=steps, **options))
     opt = torch.optim.AdamW(method.parameters(), lr=1e-2)
     method.bind(opt)
     run(model, method, opt, 0, split)
@@ -193,7 +209,7 @@ def test_state_dict_resume_is_exact(method_name):
     saved = torch.load(_roundtrip(saved), weights_only=False)
 
     model2 = tiny_bert(seed=7)  # different init: everything must come from the checkpoint
-    method2 = flatpeft.attach(model2, method_name, **defaults_for(method_name, total_steps=steps))
+    method2 = flatpeft.attach(model2, method_name, **defaults_for(method_name, total_steps=steps, **options))
     with torch.no_grad():
         params = dict(model2.named_parameters())
         for k, v in saved["model"].items():
