@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 
@@ -27,26 +25,16 @@ sys.path.insert(0, TESTS)
 
 import flatpeft  # noqa: E402
 from fsdp_worker import run, whole  # noqa: E402
-from helpers import tiny_llama  # noqa: E402
+from helpers import tiny_llama, torchrun  # noqa: E402
 from test_fsdp import VARIANTS  # noqa: E402
 
 SPECS = [*flatpeft.list_methods(), *VARIANTS]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> dict:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-        cmd += [os.path.join(TESTS, "fsdp_worker.py"), out, *SPECS]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, capture_output=True, env=env)
+        torchrun(os.path.join(TESTS, "fsdp_worker.py"), out, *SPECS)
         rows = {}
         for spec in SPECS:
             sharded = torch.load(os.path.join(out, f"{spec}-rank0.pt"), weights_only=False)

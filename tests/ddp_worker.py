@@ -36,6 +36,17 @@ def parse(spec: str) -> tuple[str, dict]:
     return name, out
 
 
+def train_steps(method, net, optimizer, make, rank: int, world: int) -> None:
+    """STEPS optimizer steps, step t on shard ``rank`` of ``make(t)`` (upper batches: ``make(50 + t)``)."""
+    for step in range(STEPS):
+        batch = shard(make(step, n=BATCH), rank, world)
+        upper = shard(make(50 + step, n=BATCH), rank, world)
+        extra = {"upper_loss_fn": lambda u=upper: net(**u).loss} if method.needs_upper_loss else {}
+        method.backward(lambda b=batch: net(**b).loss, **extra)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def run(spec: str, model, rank: int = 0, world: int = 1, wrap=lambda m: m):
     """Train ``spec`` for STEPS steps on shard ``rank`` of the fixed batches; used by both sides."""
     name, options = parse(spec)
@@ -44,13 +55,7 @@ def run(spec: str, model, rank: int = 0, world: int = 1, wrap=lambda m: m):
     method.set_wrapper(net)
     optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
     method.bind(optimizer)
-    for step in range(STEPS):
-        batch = shard(make_batch(step, n=BATCH), rank, world)
-        upper = shard(make_batch(50 + step, n=BATCH), rank, world)
-        extra = {"upper_loss_fn": lambda u=upper: net(**u).loss} if method.needs_upper_loss else {}
-        method.backward(lambda b=batch: net(**b).loss, **extra)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    train_steps(method, net, optimizer, make_batch, rank, world)
     method.detach()
     return model
 

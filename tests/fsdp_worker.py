@@ -18,12 +18,10 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flatpeft
-from ddp_worker import parse, shard
+from ddp_worker import STEPS, parse, train_steps
 from flatpeft._sharded import full, is_sharded
 from flatpeft.integrations.fsdp import shard_model
 from helpers import defaults_for, lm_batch, tiny_llama
-
-STEPS, BATCH = 3, 8
 
 
 def run(spec: str, model, rank: int = 0, world: int = 1, sharded: bool = False):
@@ -39,13 +37,7 @@ def run(spec: str, model, rank: int = 0, world: int = 1, sharded: bool = False):
         shard_model(model)
     optimizer = torch.optim.SGD(method.param_groups(0.0), lr=0.5)
     method.bind(optimizer)
-    for step in range(STEPS):
-        batch = shard(lm_batch(step, n=BATCH), rank, world)
-        upper = shard(lm_batch(50 + step, n=BATCH), rank, world)
-        extra = {"upper_loss_fn": lambda u=upper: model(**u).loss} if method.needs_upper_loss else {}
-        method.backward(lambda b=batch: model(**b).loss, **extra)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    train_steps(method, model, optimizer, lm_batch, rank, world)
     return method
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
+import subprocess
+import sys
 import weakref
 
 import peft
@@ -179,3 +183,20 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{k} changed"
+
+
+def torchrun_argv(nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N`` on 127.0.0.1 and a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    return [*launcher, "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
+def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``args`` on 2 CPU ranks (one thread each, offline); assert every rank succeeded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*torchrun_argv(), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

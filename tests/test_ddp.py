@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import flatpeft
 from ddp_worker import run
-from helpers import tiny_bert, trainable_state
+from helpers import tiny_bert, torchrun, trainable_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,22 +21,10 @@ VARIANTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("ddp")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    specs = [*flatpeft.list_methods(), *VARIANTS]
-    cmd = [*launcher, *rendezvous, os.path.join(HERE, "ddp_worker.py"), str(out), *specs]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(os.path.join(HERE, "ddp_worker.py"), str(out), *flatpeft.list_methods(), *VARIANTS)
     return str(out)
 
 

@@ -233,6 +233,15 @@ def test_rslora_and_dora_noise_uses_effective_weight():
         assert torch.isfinite(method.backward(lambda m=model: m(**make_batch()).loss))
 
 
+def _two_steps(model, method) -> None:
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-2)
+    method.bind(opt)
+    for i in range(2):
+        assert torch.isfinite(method.backward(lambda i=i: model(**make_batch(i)).loss))
+        opt.step()
+        opt.zero_grad()
+
+
 def test_adalora_base_noise_uses_its_svd_delta():
     """AdaLoRA (Flat-LoRA's Table 5 combines them): row norms of W0 + PEFT's delta P·Λ·Q, and training
     leaves the frozen weights bit-identical."""
@@ -252,12 +261,7 @@ def test_adalora_base_noise_uses_its_svd_delta():
     for (_, layer), geo, std in zip(method.layers, method.geos, method.row_stds(), strict=True):
         w = layer.get_base_layer().weight.float() + layer.get_delta_weight("default")
         torch.testing.assert_close(std, 0.1 * geo.rows(w).norm(dim=1) / math.sqrt(geo.n))
-    opt = torch.optim.AdamW(method.parameters(), lr=1e-2)
-    method.bind(opt)
-    for i in range(2):
-        assert torch.isfinite(method.backward(lambda i=i: model(**make_batch(i)).loss))
-        opt.step()
-        opt.zero_grad()
+    _two_steps(model, method)
     assert_bit_identical(before, frozen_state(model))
 
 
@@ -342,10 +346,5 @@ def test_scope_all_with_zero_sigma_is_plain_backward_and_trains_exactly():
     method.detach()
     before = frozen_state(model)
     method = flatpeft.attach(model, "flat_lora", sigma=0.1, scope="all", schedule="constant")
-    opt = torch.optim.AdamW(method.parameters(), lr=1e-2)
-    method.bind(opt)
-    for i in range(2):
-        assert torch.isfinite(method.backward(lambda i=i: model(**make_batch(i)).loss))
-        opt.step()
-        opt.zero_grad()
+    _two_steps(model, method)
     assert_bit_identical(before, frozen_state(model))

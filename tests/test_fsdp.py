@@ -4,16 +4,13 @@ ranks (gloo) launched by torchrun compute what one unsharded process computes on
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import flatpeft
 from fsdp_worker import run, tensors, whole
-from helpers import tiny_llama
+from helpers import tiny_llama, torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -21,22 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ["flat_lora:noise_memory=keep", "flat_lora:scope=all", "bi_lora:clip=layer", "fm_lora:norm=global"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("fsdp")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    specs = [*flatpeft.list_methods(), *VARIANTS, *REFUSED]
-    cmd = [*launcher, *rendezvous, os.path.join(HERE, "fsdp_worker.py"), str(out), *specs]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(os.path.join(HERE, "fsdp_worker.py"), str(out), *flatpeft.list_methods(), *VARIANTS, *REFUSED)
     return str(out)
 
 

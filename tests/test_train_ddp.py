@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
+import tempfile
 
 import peft
 import pytest
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 import flatpeft
 from flatpeft import train as train_lib
 from flatpeft.models import load_model
+from helpers import torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = [*flatpeft.list_methods(), train_lib.FULL]
@@ -30,28 +30,12 @@ OPTIONS = {"max_steps": 4, "batch_size": 8, "grad_accum": 2, "lr": 0.01, "rank":
 OPTIONS |= {"log_every": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(*args: str) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [*launcher, *rendezvous, *args], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 def _run_jobs(folder, jobs: list[dict]) -> None:
     """Run ``jobs`` (``{"argv": [...], "expect": exit code, "nan_at": call on rank 1}``) on 2 ranks."""
-    path = os.path.join(folder, f"jobs-{_free_port()}.json")
-    with open(path, "w") as f:
+    fd, path = tempfile.mkstemp(prefix="jobs-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as f:
         json.dump(jobs, f)
-    _torchrun(os.path.abspath(__file__), path)
+    torchrun(os.path.abspath(__file__), path)
 
 
 def _train_argv(data, out, method, model="tiny") -> list[str]:
@@ -155,7 +139,7 @@ def test_flat_lora_on_two_ranks_equals_one_process(runs, data, no_dropout_model,
 
 
 def test_lora_with_torchrun_m_flatpeft_train_equals_one_process(data, no_dropout_model, tmp_path):
-    _torchrun("-m", "flatpeft", *_train_argv(data, tmp_path / "ddp", "lora", no_dropout_model))
+    torchrun("-m", "flatpeft", *_train_argv(data, tmp_path / "ddp", "lora", no_dropout_model))
     single = _single(data, tmp_path / "single", "lora", no_dropout_model)
     ranked = _adapter(tmp_path / "ddp")
     assert single.keys() == ranked.keys()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import traceback
@@ -27,6 +26,7 @@ import flatpeft
 from flatpeft import _scale, cli
 from flatpeft import train as train_lib
 from flatpeft.models import load_model
+from helpers import torchrun_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -337,21 +337,13 @@ def test_compare_passes_the_flags_to_every_run(sft, tmp_path, monkeypatch, capsy
 # -- FSDP2 under torchrun ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_jobs(folder, jobs: dict[str, list[str]]) -> dict[str, list[int | str]]:
     """Run ``{name: flatpeft argv}`` on 2 ranks in one torchrun launch; ``{name: [code rank 0, rank 1]}``."""
     path = folder / "jobs.json"
     path.write_text(json.dumps(jobs))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [*launcher, *rendezvous, os.path.abspath(__file__), str(path)],
+        [*torchrun_argv(), os.path.abspath(__file__), str(path)],
         capture_output=True,
         text=True,
         env=env,
