@@ -88,7 +88,7 @@ def _quantized_weights(model) -> dict[str, torch.Tensor]:
     from flatpeft import _peft
 
     return {
-        name: _peft._dequantized(layer).clone()
+        name: _peft.dequantized(layer).clone()
         for name, layer in model.named_modules()
         if isinstance(layer, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
     }
@@ -124,7 +124,7 @@ def test_flat_lora_on_a_quantized_base_is_the_dense_computation_on_its_dequantiz
     modules = dict(dense_base.named_modules())
     for name, layer in quantized.base_model.model.named_modules():
         if isinstance(layer, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
-            modules[name.replace(".base_layer", "")].weight.data.copy_(_peft._dequantized(layer).float())
+            modules[name.replace(".base_layer", "")].weight.data.copy_(_peft.dequantized(layer).float())
     dense = with_lora(dense_base)
     assert not dense.load_state_dict(_adapter(quantized), strict=False).unexpected_keys
     batch = lm_batch(3)
@@ -157,13 +157,13 @@ def test_dequantized_weight_survives_bitsandbytes_cpu_repacking(base_dir):
 
     model = _quantized(base_dir, "nf4")
     layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-    before = _peft._dequantized(layer).float()
+    before = _peft.dequantized(layer).float()
     model.eval()
     with torch.no_grad():
         model(**lm_batch(0))
     if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16 kernels: bitsandbytes did not repack")
-    after = _peft._dequantized(layer).float()
+    after = _peft.dequantized(layer).float()
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, rtol=1e-2, atol=1e-3)  # same layout; bf16-rounded scales
     assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False)  # the layer is left packed

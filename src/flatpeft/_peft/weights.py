@@ -1,0 +1,207 @@
+"""An adapted layer's base: its geometry, its (dequantized) weight, effective rows and row norms, and
+the base-forward patching every functional perturbation goes through."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._sharded import is_sharded
+from .model import scaling
+
+__all__ = [
+    "Geometry",
+    "base_bias",
+    "base_rows",
+    "dense_weight",
+    "dequantized",
+    "effective_row_norms",
+    "effective_rows",
+    "geometry",
+    "patched_base_forward",
+]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an adapted layer's base op maps a weight to outputs.
+
+    ``rows`` are output features (filters): ``m`` of them, each with ``n`` = fan-in entries. Weights
+    handed to :meth:`apply` are in this row layout, whatever the stored layout (GPT-2 ``Conv1D``
+    stores ``(in, out)``; ``Conv2d`` stores ``(out, in/groups, kh, kw)``).
+    """
+
+    kind: str  # "linear" | "conv1d" (fan_in_fan_out) | "conv2d"
+    m: int
+    n: int
+    base: nn.Module
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The stored weight viewed as an ``(m, n)`` matrix of rows."""
+        if self.kind == "conv1d":
+            return weight.t()
+        return weight.reshape(self.m, self.n)
+
+    def apply(self, x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The base op with weight ``rows`` (``(m, n)``) instead of the stored weight."""
+        if self.kind == "conv2d":
+            b = self.base
+            return F.conv2d(x, rows.reshape(b.weight.shape), bias, b.stride, b.padding, b.dilation, b.groups)
+        return F.linear(x, rows, bias)
+
+    def input_grad(self, grad_out: torch.Tensor, rows: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        """Gradient of :meth:`apply` with respect to its input."""
+        if self.kind == "conv2d":
+            b = self.base
+            w = rows.reshape(b.weight.shape)
+            return torch.nn.grad.conv2d_input(x_shape, w, grad_out, b.stride, b.padding, b.dilation, b.groups)
+        return grad_out @ rows
+
+    def bias_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """Gradient of :meth:`apply` with respect to the bias."""
+        if self.kind == "conv2d":
+            return grad_out.sum(dim=(0, 2, 3))
+        return grad_out.reshape(-1, self.m).sum(0)
+
+
+def _dense_weight(base: nn.Module) -> torch.Tensor | None:
+    w = getattr(base, "weight", None)
+    if not isinstance(w, torch.Tensor) or (type(w) not in (torch.Tensor, nn.Parameter) and not is_sharded(w)):
+        return None  # bitsandbytes / torchao / other quantized storage
+    return w if w.is_floating_point() else None
+
+
+def geometry(layer: nn.Module) -> Geometry:
+    """The :class:`Geometry` of a LoRA layer's base layer.
+
+    Raises:
+        ValueError: for layer types flatpeft cannot perturb (embeddings, 3-D convolutions, ...).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    base = layer.get_base_layer()
+    fifo = bool(getattr(layer, "fan_in_fan_out", False))
+    if isinstance(base, Conv1D) or (fifo and isinstance(base, nn.Linear)):
+        in_f, out_f = base.weight.shape
+        return Geometry("conv1d", out_f, in_f, base)
+    if isinstance(base, nn.Conv2d):
+        if base.padding_mode != "zeros" or isinstance(base.padding, str):
+            raise ValueError(f"Conv2d with padding={base.padding!r}/{base.padding_mode!r} is not supported")
+        out_c = base.out_channels
+        return Geometry("conv2d", out_c, base.weight[0].numel(), base)
+    if isinstance(base, nn.Linear) or (hasattr(base, "in_features") and hasattr(base, "out_features")):
+        return Geometry("linear", base.out_features, base.in_features, base)
+    raise ValueError(
+        f"flatpeft can perturb LoRA layers on Linear, GPT-2 Conv1D and Conv2d modules, not "
+        f"{type(base).__name__}; exclude it from LoraConfig.target_modules"
+    )
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The base layer's stored float weight, or ``None`` when it is quantized (an FSDP2 shard between
+    forward passes, the whole weight inside the sharded block's forward)."""
+    return _dense_weight(layer.get_base_layer())
+
+
+def dequantized(base: nn.Module) -> torch.Tensor:
+    """A quantized base layer's weight in float, by PEFT's helpers.
+
+    bitsandbytes weights go through ``dequantize_bnb_weight`` directly: ``dequantize_module_weight``
+    re-assigns an 8-bit weight on CPU, which drops its scales and breaks the layer's next forward.
+    A 4-bit weight that bitsandbytes repacked for its CPU kernels (it does so on an inference
+    forward) is unpacked from a copy of its quantization state first, so the layer is left as it was.
+    """
+    from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight
+
+    weight = base.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit" and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes import functional as bnb_f
+
+        data, state = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(weight.quant_state))
+        return bnb_f.dequantize_4bit(data, state)
+    if kind in ("Params4bit", "Int8Params"):
+        return dequantize_bnb_weight(weight, state=getattr(base, "state", None))
+    return dequantize_module_weight(base)
+
+
+def effective_rows(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tensor:
+    """W' = W0 + ΔW of ``layer`` as an ``(m, n)`` fp32 matrix (no autograd), dequantizing if needed.
+
+    ΔW is PEFT's own ``get_delta_weight`` so LoRA variants (rsLoRA scaling) are respected.
+    """
+    with torch.no_grad():
+        base = layer.get_base_layer()
+        w0 = _dense_weight(base)
+        if w0 is None:
+            w0 = dequantized(base)
+        delta = layer.get_delta_weight(adapter)
+        return geo.rows(w0.float() + delta.float())
+
+
+def base_rows(layer: nn.Module, geo: Geometry) -> torch.Tensor:
+    """The frozen base weight as ``(m, n)`` rows (dequantized if needed; a view when dense)."""
+    base = layer.get_base_layer()
+    w0 = _dense_weight(base)
+    return geo.rows(w0 if w0 is not None else dequantized(base))
+
+
+@torch.no_grad()
+def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tensor:
+    """‖W'_i‖₂ for every row of W' = W0 + s·B·A, in fp32, without forming W'.
+
+    ‖W'_i‖² = ‖W0_i‖² + 2s·⟨(W0·Aᵀ)_i, B_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ costs one read of W0 and one
+    (m·n·r) product instead of materialising B·A and W'. Conv2d layers and LoRA variants whose delta
+    is not s·B·A of ``nn.Linear`` factors (DoRA, AdaLoRA's SVD factors) go through :func:`effective_rows`.
+    """
+    plain = isinstance(layer.lora_B[adapter], nn.Module) if adapter in layer.lora_B else False
+    if geo.kind == "conv2d" or adapter in getattr(layer, "lora_variant", {}) or not plain:
+        return effective_rows(layer, geo, adapter).norm(dim=1)
+    s = scaling(layer, adapter)
+    b = layer.lora_B[adapter].weight.float()
+    a = layer.lora_A[adapter].weight.float()
+    w0 = base_rows(layer, geo)
+    base_sq = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square_()
+    cross = ((w0 @ a.t().to(w0.dtype)).float() * b).sum(1)
+    quad = ((b @ (a @ a.t())) * b).sum(1)
+    return (base_sq + 2 * s * cross + s * s * quad).clamp_min_(0).sqrt_()
+
+
+def base_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The base layer's bias (``None`` if it has none)."""
+    return getattr(layer.get_base_layer(), "bias", None)
+
+
+@contextlib.contextmanager
+def patched_base_forward(patches: dict[nn.Module, Callable[..., torch.Tensor]]) -> Iterator[None]:
+    """Within the block, each LoRA layer's base layer computes ``patches[layer](x, original_forward)``.
+
+    The stored weights are never touched: a perturbation is applied functionally, so restoring the
+    model is removing the instance attribute that overrides ``forward``.
+    """
+    patched = []
+    try:
+        for layer, fn in patches.items():
+            base = layer.get_base_layer()
+            original = base.forward
+            # An instance-level forward (e.g. an Accelerate offload hook) is put back afterwards.
+            previous = base.__dict__.get("forward")
+
+            def forward(x, *args, _fn=fn, _orig=original, **kwargs):
+                return _fn(x, lambda y: _orig(y, *args, **kwargs))
+
+            base.forward = forward
+            patched.append((base, previous))
+        yield
+    finally:
+        for base, previous in patched:
+            if previous is None:
+                del base.forward
+            else:
+                base.forward = previous
