@@ -60,6 +60,8 @@ from torch import nn
 from . import _scale
 from . import data as data_lib
 from . import models as model_lib
+from ._evaluate import evaluate
+from ._evaluate import sharpness as sharpness_of
 from ._scale import Precision, Ranks
 from ._train_config import (
     FULL,
@@ -71,6 +73,7 @@ from ._train_config import (
     parse_method_spec,
     resolve,
 )
+from .methods.full import FullFineTune
 from .registry import get_method, list_methods
 
 __all__ = [
@@ -104,57 +107,6 @@ class Interrupted(RuntimeError):
 def _rank_seed(seed: int, rank: int) -> int:
     """The seed of rank ``rank``'s dropout stream after setup (rank 0 keeps the single-process one)."""
     return seed * 1_000_003 + 7919 * rank
-
-
-# -- full fine-tuning -----------------------------------------------------------------------------
-
-
-class FullFineTune:
-    """``--method full``: every weight trained with plain backward (the method contract, no adapters)."""
-
-    needs_upper_loss = False
-    config = None
-
-    @classmethod
-    def data_used(cls, config: Any, step: int) -> tuple[bool, bool]:
-        return True, False
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.step = 0
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # biases and norms
-        ]
-
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.register_step_post_hook(lambda *_: setattr(self, "step", self.step + 1))
-
-    def set_wrapper(self, wrapper: nn.Module) -> FullFineTune:
-        return self  # one backward pass: nothing to do without synchronisation
-
-    def backward(self, loss_fn: Any, **kwargs: Any) -> torch.Tensor:
-        loss = loss_fn()
-        loss.backward()
-        return loss.detach()
-
-    def strength(self) -> dict[str, float]:
-        return {}
-
-    def clip_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def detach(self) -> nn.Module:
-        return self.model
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
 
 
 # -- preparing a run (checks everything, writes nothing) --------------------------------------------
@@ -337,93 +289,6 @@ class Stream:
 
 def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
-
-
-# -- evaluation ------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(run: Run, examples: list[data_lib.Example]) -> dict[str, float]:
-    """Loss (and accuracy, macro-F1 for classification; token accuracy, perplexity for causal-LM).
-
-    The model is evaluated in eval mode (no dropout) at its clean weights, under the run's autocast.
-    Sharded (``--fsdp``), every rank must call it: each forward all-gathers the weights, so every rank
-    evaluates the whole set (the same numbers everywhere).
-    """
-    if not examples:
-        return {}
-    was_training = run.model.training
-    run.model.eval()
-    loss_sum, count, correct = 0.0, 0, 0
-    truth, preds = [], []
-    for start in range(0, len(examples), run.cfg.eval_batch_size):
-        batch = run.batch(examples[start : start + run.cfg.eval_batch_size])
-        labels = batch.pop("labels")
-        with run.precision.autocast():
-            logits = run.model(**batch).logits.float()
-        if run.cfg.task == "classification":
-            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-            count += len(labels)
-            truth += labels.tolist()
-            preds += logits.argmax(-1).tolist()
-        else:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-            mask = labels != -100
-            loss_sum += float(nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
-            count += int(mask.sum())
-            correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
-    run.model.train(was_training)
-    out = {"loss": loss_sum / max(count, 1), "n": len(examples)}
-    if run.cfg.task == "classification":
-        out["accuracy"] = sum(t == p for t, p in zip(truth, preds, strict=True)) / len(truth)
-        out["macro_f1"] = macro_f1(truth, preds)
-    else:
-        out["token_accuracy"] = correct / max(count, 1)
-        out["perplexity"] = math.exp(min(out["loss"], 50.0))
-    return out
-
-
-def macro_f1(truth: list[int], preds: list[int]) -> float:
-    """Unweighted mean F1 over the classes present in ``truth`` or ``preds``."""
-    scores = []
-    for c in sorted(set(truth) | set(preds)):
-        tp = sum(t == c and p == c for t, p in zip(truth, preds, strict=True))
-        fp = sum(t != c and p == c for t, p in zip(truth, preds, strict=True))
-        fn = sum(t == c and p != c for t, p in zip(truth, preds, strict=True))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(scores) / len(scores)
-
-
-def _sharpness(run: Run) -> dict[str, Any] | None:
-    """Expected full-space sharpness of the final adapter on up to 4 test batches, when available
-    (not under ``--fsdp``: ``flatpeft sharpness`` measures the saved adapter on one process)."""
-    try:
-        from . import sharpness
-    except ImportError:
-        return None
-    if run.cfg.method == FULL or run.cfg.fsdp:
-        return None  # measured on the adapted layers of an unsharded PEFT model
-    examples = run.splits.test or run.splits.val
-    size = run.cfg.eval_batch_size
-    batches = [run.batch(examples[i : i + size]) for i in range(0, min(len(examples), 4 * size), size)]
-    with run.precision.autocast():
-        result = sharpness.expected_sharpness(
-            run.model,
-            None,
-            batches,
-            sigma=run.cfg.sharpness_sigma,
-            n_samples=run.cfg.sharpness_samples,
-            space="full",
-            seed=run.cfg.seed,
-            progress=run.cfg.progress,
-        )
-    run.model.train()
-    return {
-        "expected_full": float(result.value),
-        "sigma": run.cfg.sharpness_sigma,
-        "n_samples": run.cfg.sharpness_samples,
-        "n_examples": sum(len(b["labels"]) for b in batches),
-    }
 
 
 # -- run folder ------------------------------------------------------------------------------------
@@ -740,7 +605,7 @@ def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> di
     if run.precision.scaler is not None:
         metrics["skipped_steps"] = history.get("skipped", [])  # fp16 overflows
     if cfg.sharpness_samples:
-        sharp = _sharpness(run)
+        sharp = sharpness_of(run)
         if sharp is not None:
             metrics["sharpness"] = sharp
     if run.ranks.main:

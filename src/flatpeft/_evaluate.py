@@ -1,0 +1,102 @@
+"""Evaluating a ``flatpeft train`` run: loss and accuracy / macro-F1 (classification), token accuracy and
+perplexity (causal-LM), and the end-of-run expected sharpness."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ._train_config import FULL
+
+if TYPE_CHECKING:
+    from . import data as data_lib
+    from .train import Run
+
+__all__ = ["evaluate", "macro_f1", "sharpness"]
+
+
+@torch.no_grad()
+def evaluate(run: Run, examples: list[data_lib.Example]) -> dict[str, float]:
+    """Loss (and accuracy, macro-F1 for classification; token accuracy, perplexity for causal-LM).
+
+    The model is evaluated in eval mode (no dropout) at its clean weights, under the run's autocast.
+    Sharded (``--fsdp``), every rank must call it: each forward all-gathers the weights, so every rank
+    evaluates the whole set (the same numbers everywhere).
+    """
+    if not examples:
+        return {}
+    was_training = run.model.training
+    run.model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    truth, preds = [], []
+    for start in range(0, len(examples), run.cfg.eval_batch_size):
+        batch = run.batch(examples[start : start + run.cfg.eval_batch_size])
+        labels = batch.pop("labels")
+        with run.precision.autocast():
+            logits = run.model(**batch).logits.float()
+        if run.cfg.task == "classification":
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += len(labels)
+            truth += labels.tolist()
+            preds += logits.argmax(-1).tolist()
+        else:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+            mask = labels != -100
+            loss_sum += float(nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+            count += int(mask.sum())
+            correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
+    run.model.train(was_training)
+    out = {"loss": loss_sum / max(count, 1), "n": len(examples)}
+    if run.cfg.task == "classification":
+        out["accuracy"] = sum(t == p for t, p in zip(truth, preds, strict=True)) / len(truth)
+        out["macro_f1"] = macro_f1(truth, preds)
+    else:
+        out["token_accuracy"] = correct / max(count, 1)
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return out
+
+
+def macro_f1(truth: list[int], preds: list[int]) -> float:
+    """Unweighted mean F1 over the classes present in ``truth`` or ``preds``."""
+    scores = []
+    for c in sorted(set(truth) | set(preds)):
+        tp = sum(t == c and p == c for t, p in zip(truth, preds, strict=True))
+        fp = sum(t != c and p == c for t, p in zip(truth, preds, strict=True))
+        fn = sum(t == c and p != c for t, p in zip(truth, preds, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores)
+
+
+def sharpness(run: Run) -> dict[str, Any] | None:
+    """Expected full-space sharpness of the final adapter on up to 4 test batches, when available
+    (not under ``--fsdp``: ``flatpeft sharpness`` measures the saved adapter on one process)."""
+    try:
+        from . import sharpness
+    except ImportError:
+        return None
+    if run.cfg.method == FULL or run.cfg.fsdp:
+        return None  # measured on the adapted layers of an unsharded PEFT model
+    examples = run.splits.test or run.splits.val
+    size = run.cfg.eval_batch_size
+    batches = [run.batch(examples[i : i + size]) for i in range(0, min(len(examples), 4 * size), size)]
+    with run.precision.autocast():
+        result = sharpness.expected_sharpness(
+            run.model,
+            None,
+            batches,
+            sigma=run.cfg.sharpness_sigma,
+            n_samples=run.cfg.sharpness_samples,
+            space="full",
+            seed=run.cfg.seed,
+            progress=run.cfg.progress,
+        )
+    run.model.train()
+    return {
+        "expected_full": float(result.value),
+        "sigma": run.cfg.sharpness_sigma,
+        "n_samples": run.cfg.sharpness_samples,
+        "n_examples": sum(len(b["labels"]) for b in batches),
+    }
