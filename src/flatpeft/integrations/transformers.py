@@ -9,7 +9,10 @@ rules) and changes three things:
 - ``training_step`` hands the method a closure that runs the Trainer's own ``training_step`` with
   ``accelerator.backward`` intercepted, so one- and two-pass methods see exactly the loss the
   Trainer would have backpropagated, and backpropagate it with ``accelerator.backward``;
-- checkpoints also hold ``flatpeft_method.pt`` (the method state) and only the primary adapter.
+- checkpoints also hold ``flatpeft_method.pt`` (the method state) and only the primary adapter;
+- for a method with steps that read no training batch (``Method.data_used``: BiLoRA's first-order
+  upper steps), the Trainer's own dataloader yields, step by step, the split that step reads (see
+  :class:`FlatTrainerMixin`), so no training batch is drawn and thrown away.
 
 Usage with another Trainer subclass (e.g. TRL's ``SFTTrainer``)::
 
@@ -22,7 +25,10 @@ Usage with another Trainer subclass (e.g. TRL's ``SFTTrainer``)::
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +46,37 @@ METHOD_STATE_NAME = "flatpeft_method.pt"
 
 class FlatTrainerMixin:
     """Adds a flatpeft method to a ``transformers.Trainer`` subclass.
+
+    Data flow of a bi-level method (``needs_upper_loss``). The training set is split into D1 (the
+    Trainer's ``train_dataset`` from then on) and D2 (``upper_dataset``), unless D2 is given. Which
+    split optimizer step ``s`` reads is ``Method.data_used(config, s)``; when the run has upper steps
+    (steps that read D2) besides steps that do not (BiLoRA: lower steps read D1, upper steps D2, and
+    D1 as well with darts), ``get_train_dataloader`` builds the Trainer's own dataloader over D1 + D2
+    in an arranged order:
+
+    - D1 and D2 are each an endless sequence of passes (a permutation per pass, seeded by
+      ``data_seed``, else ``seed``), cut into global micro-batches of ``per_device_train_batch_size``
+      examples per process; consecutive groups of ``num_processes`` batches of the loader are one
+      global micro-batch, which Accelerate's batch sharding deals out to the ranks (one batch of
+      ``per_device_train_batch_size`` examples split between the ranks with ``split_batches``);
+    - the ``gradient_accumulation_steps`` micro-batches of a step that reads D2 come from D2, those
+      of every other step from D1, each stream taken in order, so every D1 example reaches the lower
+      level once per pass, and no D1 batch is drawn on an upper step;
+    - an epoch is the number of optimizer steps in which the lower level sees D1 once, counted from
+      step 0, so the step count follows (BiLoRA with T1 = 4, T2 = 1 runs 5/4 as many steps per epoch
+      as plain LoRA). The streams run on across epochs: when an epoch is not a whole number of
+      T1 + T2 cycles, a later epoch has one lower step more or less than the first, and the D1
+      passes drift across epoch boundaries (no example is skipped or repeated within a pass);
+    - ``training_step`` hands the Trainer's batch to ``upper_loss_fn`` on a step that reads D2 and to
+      ``loss_fn`` otherwise; a step that reads both (darts) takes its D1 batches from a third stream
+      (D1 again, its own seeded passes), drawn by the rank's share like the loader's;
+    - the arrangement is a pure function of the step, the seed, the sizes and the number of
+      processes, and the method's level follows the Trainer's step (``global_step``), so
+      ``resume_from_checkpoint``, which skips the batches of the steps already taken, continues the
+      same sequence, and the Trainer's ``train_sampling_strategy`` does not apply to this loader.
+
+    Otherwise (every step reads both splits, or a run too short to reach an upper step) the Trainer's
+    dataloader is unchanged and the D2 batches come from a second loader over ``upper_dataset``.
 
     Args:
         method: Registry name or config instance (default ``"lora"``).
@@ -69,6 +106,9 @@ class FlatTrainerMixin:
             self.flat_config = self.flat_config.replace(seed=int(self.args.seed))
         self._upper_loader = None
         self._upper_iter = None
+        self._levels: _Levels | None = None  # the arranged stream, when get_train_dataloader built one
+        self._levels_data: Any = None
+        self._side: list[Any] | None = None  # (step, D1 batches, items, next) of a step reading both
         if get_method(self.flat_config.method).needs_upper_loss:
             if upper_dataset is None:
                 from ..methods.bilevel_lora import split_dataset
@@ -134,7 +174,7 @@ class FlatTrainerMixin:
         real_backward = accelerator.backward
         captured: dict[str, Any] = {}
 
-        def run(batch) -> torch.Tensor:
+        def run(batch, items=num_items_in_batch) -> torch.Tensor:
             # The Trainer's own step, with its backward replaced by capturing the loss it would use.
             def capture(loss, **bw_kwargs):
                 captured["loss"], captured["kwargs"] = loss, bw_kwargs
@@ -142,20 +182,105 @@ class FlatTrainerMixin:
             accelerator.backward = capture
             try:
                 parent = super(FlatTrainerMixin, self)
-                parent.training_step(model, dict(batch), num_items_in_batch, *args, **kwargs)
+                parent.training_step(model, dict(batch), items, *args, **kwargs)
             finally:
                 del accelerator.backward
             return captured["loss"]
 
         self._flat_strength = method.strength()  # logged with this step's loss
-        extra = {}
-        if method.needs_upper_loss:
+        loss_fn, extra = (lambda: run(inputs)), {}
+        if method.needs_upper_loss and self._levels is not None:
+            # The loader drew this batch for the Trainer's step; the level follows it (an fp16 step
+            # the scaler skipped has consumed its batches too).
+            step = self.state.global_step
+            method.step = step
+            reads_d1, reads_d2 = self._levels.used(step)
+            if reads_d2:
+                extra["upper_loss_fn"] = loss_fn
+                loss_fn = _unused_split
+                if reads_d1:
+                    d1_batch, items = self._next_side_batch(step)
+                    loss_fn = lambda: run(d1_batch, items)  # noqa: E731
+            else:
+                extra["upper_loss_fn"] = _unused_split
+        elif method.needs_upper_loss:
             upper = self._next_upper_batch()
             extra["upper_loss_fn"] = lambda: run(upper)
         loss = method.backward(
-            lambda: run(inputs), backward_fn=lambda loss: real_backward(loss, **captured["kwargs"]), **extra
+            loss_fn, backward_fn=lambda loss: real_backward(loss, **captured["kwargs"]), **extra
         )
         return loss
+
+    # -- the data of bi-level methods -----------------------------------------------------------------
+
+    def get_train_dataloader(self):
+        """The Trainer's dataloader; over D1 + D2 in the arranged order when a step reads no D1."""
+        self._levels, self._levels_data, self._side = self._arrange(), None, None
+        if self._levels is None:
+            return super().get_train_dataloader()
+        saved = self.train_dataset
+        self._levels_data = torch.utils.data.ConcatDataset([saved, self.upper_dataset])
+        self.train_dataset = self._levels_data  # for the Trainer's loader only (D1 stays train_dataset)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = saved
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any):
+        dataset = args[0] if args else kwargs.get("train_dataset", self.train_dataset)
+        levels = self._levels
+        if levels is None or dataset is not self._levels_data:
+            return super()._get_train_sampler(*args, **kwargs)
+        # The epoch from the Trainer's step when the loader starts an epoch: Accelerate does not
+        # forward set_epoch through the wrappers it puts around a sampler when skipping on resume.
+        return _LevelSampler(levels, lambda: self.state.global_step // levels.steps_per_epoch)
+
+    def _arrange(self) -> _Levels | None:
+        """The arranged stream, or ``None`` unless the Trainer's usual run (one epoch over D1 per
+        epoch, or ``max_steps``) has upper steps (steps that read D2) besides steps that do not."""
+        if not get_method(self.flat_config.method).needs_upper_loss:
+            return None
+        args, accelerator = self.args, self.accelerator
+        used = functools.partial(get_method(self.flat_config.method).data_used, self.flat_config)
+        d1, d2 = self.train_dataset, self.upper_dataset
+        lengths = [_length(d) for d in (d1, d2)]
+        size = self._train_batch_size * (1 if accelerator.split_batches else accelerator.num_processes)
+        accum = args.gradient_accumulation_steps
+        if lengths[0] is not None:
+            per_epoch = math.ceil(lengths[0] / (size * accum))
+            steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+        else:
+            steps = args.max_steps
+        reads = {tuple(used(s)) for s in range(max(1, steps))}
+        if not any(d2 for _, d2 in reads) or reads == {(True, True)}:
+            return None  # no upper step, or every step reads both splits
+        if None in lengths or 0 in lengths:
+            raise ValueError(
+                f"{self.flat_config.method} has upper steps (steps that read D2) besides lower ones, so "
+                "FlatTrainer arranges D1 and D2 in one loader; both need a length (map-style datasets, "
+                f"not IterableDataset) and at least one example, got sizes {lengths}"
+            )
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return _Levels(used, lengths[0], lengths[1], size, accum, int(seed))
+
+    def _next_side_batch(self, step: int) -> tuple[Any, Any]:
+        """This rank's D1 micro-batch for a step that reads D2 and D1 (darts), with the step's count
+        of loss items over its D1 micro-batches (as the Trainer counts its own)."""
+        levels = self._levels
+        if self._side is None or self._side[0] != step:
+            first = levels.accum * levels.count(levels.reads_both, step)
+            share = levels.size // self.accelerator.num_processes
+            mine = slice(self.accelerator.process_index * share, (self.accelerator.process_index + 1) * share)
+            collate = self._get_collator_with_removed_columns(self.data_collator, description="training")
+            batches = [
+                collate([self.train_dataset[i] for i in levels.batch(_SIDE, first + k)[mine]])
+                for k in range(levels.accum)
+            ]
+            batches, items = self.get_batch_samples(iter(batches), len(batches), self.args.device)
+            self._side = [step, batches, items, 0]
+        _, batches, items, k = self._side
+        self._side[3] = k + 1
+        return batches[k % len(batches)], items
 
     def _next_upper_batch(self):
         if self._upper_loader is None:
@@ -172,7 +297,7 @@ class FlatTrainerMixin:
         saved = self.train_dataset
         try:
             self.train_dataset = self.upper_dataset
-            return self.get_train_dataloader()
+            return super().get_train_dataloader()
         finally:
             self.train_dataset = saved
 
@@ -227,6 +352,102 @@ class FlatTrainerMixin:
 
 class FlatTrainer(FlatTrainerMixin, Trainer):
     """A ``transformers.Trainer`` that trains with a flatpeft method (see :class:`FlatTrainerMixin`)."""
+
+
+_D1, _D2, _SIDE = 0, 1, 2  # the streams of _Levels: the loader's D1 and D2, darts' extra D1
+
+
+class _Levels:
+    """Where every micro-batch of a run comes from when some steps read no training batch.
+
+    Stream ``k`` is an endless sequence of passes over its split (D1, D2, D1), each pass a permutation
+    seeded by ``(seed, k, pass)``; it is cut into global micro-batches of ``size`` examples (all
+    processes together). Optimizer step ``s`` takes ``accum`` consecutive micro-batches of D2 if it
+    reads D2, of D1 otherwise; a step reading both also takes ``accum`` of the side stream.
+    Everything is a pure function of the step, so a resumed run continues the same sequence.
+    """
+
+    def __init__(
+        self, used: Callable[[int], tuple[bool, bool]], n1: int, n2: int, size: int, accum: int, seed: int
+    ) -> None:
+        self.used, self.sizes, self.size, self.accum, self.seed = used, (n1, n2, n1), size, accum, seed
+        self._orders: dict[tuple[int, int], list[int]] = {}
+        self._counts: dict[Any, tuple[int, int]] = {}
+        lower = math.ceil(n1 / (size * accum))  # steps that read D1 once
+        steps = 0
+        while steps - self.count(self.upper, steps) < lower:
+            steps += 1
+        self.steps_per_epoch = steps
+
+    def upper(self, step: int) -> bool:
+        """Whether step ``step`` takes the loader's batches from D2."""
+        return self.used(step)[1]
+
+    def reads_both(self, step: int) -> bool:
+        """Whether step ``step`` also reads D1 batches besides the loader's D2 ones (darts)."""
+        return all(self.used(step))
+
+    def count(self, kind: Callable[[int], bool], step: int) -> int:
+        """The number of steps before ``step`` of ``kind`` (memoised for increasing ``step``)."""
+        start, total = self._counts.get(kind, (0, 0))
+        if step < start:
+            start, total = 0, 0
+        total += sum(kind(s) for s in range(start, step))
+        self._counts[kind] = (step, total)
+        return total
+
+    def batch(self, stream: int, index: int) -> list[int]:
+        """Global micro-batch ``index`` of ``stream``: indices into its split."""
+        n = self.sizes[stream]
+        return [self._order(stream, p // n)[p % n] for p in range(index * self.size, (index + 1) * self.size)]
+
+    def _order(self, stream: int, epoch: int) -> list[int]:
+        key = (stream, epoch)
+        if key not in self._orders:
+            if len(self._orders) >= 6:  # a run only ever reads the last pass or two of each stream
+                self._orders.pop(min(self._orders, key=lambda k: k[1]))
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + 3 * epoch + stream) % 2**63)
+            self._orders[key] = torch.randperm(self.sizes[stream], generator=g).tolist()
+        return self._orders[key]
+
+    def epoch(self, epoch: int) -> list[int]:
+        """The loader's indices into D1 + D2 (D2 after D1) for Trainer epoch ``epoch``."""
+        start = epoch * self.steps_per_epoch
+        uppers = self.count(self.upper, start)
+        taken = [self.accum * (start - uppers), self.accum * uppers]
+        out: list[int] = []
+        for step in range(start, start + self.steps_per_epoch):
+            stream = _D2 if self.upper(step) else _D1
+            offset = self.sizes[_D1] if stream == _D2 else 0
+            for _ in range(self.accum):
+                out.extend(i + offset for i in self.batch(stream, taken[stream]))
+                taken[stream] += 1
+        return out
+
+
+class _LevelSampler(torch.utils.data.Sampler):
+    """The Trainer's sampler over D1 + D2: the indices of :meth:`_Levels.epoch` for the epoch
+    ``epoch_fn()`` gives when an epoch starts."""
+
+    def __init__(self, levels: _Levels, epoch_fn: Callable[[], int]) -> None:
+        self.levels, self.epoch_fn = levels, epoch_fn
+
+    def __len__(self) -> int:
+        return self.levels.steps_per_epoch * self.levels.accum * self.levels.size
+
+    def __iter__(self):
+        return iter(self.levels.epoch(self.epoch_fn()))
+
+
+def _unused_split() -> torch.Tensor:
+    raise RuntimeError("this optimizer step reads no micro-batch of this split (see Method.data_used)")
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 def _with_placeholder_steps(method: str | MethodConfig, overrides: dict[str, Any]) -> dict[str, Any]:
