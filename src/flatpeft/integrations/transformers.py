@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from .. import _peft
 from ..config import MethodConfig
 from ..method import Method, attach, unwrap_optimizer
 from ..registry import get_method, make_config
+from ._levels import SIDE, Levels, LevelSampler
 
 __all__ = ["METHOD_STATE_NAME", "FlatTrainer", "FlatTrainerMixin"]
 
@@ -106,7 +106,7 @@ class FlatTrainerMixin:
             self.flat_config = self.flat_config.replace(seed=int(self.args.seed))
         self._upper_loader = None
         self._upper_iter = None
-        self._levels: _Levels | None = None  # the arranged stream, when get_train_dataloader built one
+        self._levels: Levels | None = None  # the arranged stream, when get_train_dataloader built one
         self._levels_data: Any = None
         self._side: list[Any] | None = None  # (step, D1 batches, items, next) of a step reading both
         if get_method(self.flat_config.method).needs_upper_loss:
@@ -233,9 +233,9 @@ class FlatTrainerMixin:
             return super()._get_train_sampler(*args, **kwargs)
         # The epoch from the Trainer's step when the loader starts an epoch: Accelerate does not
         # forward set_epoch through the wrappers it puts around a sampler when skipping on resume.
-        return _LevelSampler(levels, lambda: self.state.global_step // levels.steps_per_epoch)
+        return LevelSampler(levels, lambda: self.state.global_step // levels.steps_per_epoch)
 
-    def _arrange(self) -> _Levels | None:
+    def _arrange(self) -> Levels | None:
         """The arranged stream, or ``None`` unless the Trainer's usual run (one epoch over D1 per
         epoch, or ``max_steps``) has upper steps (steps that read D2) besides steps that do not."""
         if not get_method(self.flat_config.method).needs_upper_loss:
@@ -261,7 +261,7 @@ class FlatTrainerMixin:
                 f"not IterableDataset) and at least one example, got sizes {lengths}"
             )
         seed = args.data_seed if args.data_seed is not None else args.seed
-        return _Levels(used, lengths[0], lengths[1], size, accum, int(seed))
+        return Levels(used, lengths[0], lengths[1], size, accum, int(seed))
 
     def _next_side_batch(self, step: int) -> tuple[Any, Any]:
         """This rank's D1 micro-batch for a step that reads D2 and D1 (darts), with the step's count
@@ -273,7 +273,7 @@ class FlatTrainerMixin:
             mine = slice(self.accelerator.process_index * share, (self.accelerator.process_index + 1) * share)
             collate = self._get_collator_with_removed_columns(self.data_collator, description="training")
             batches = [
-                collate([self.train_dataset[i] for i in levels.batch(_SIDE, first + k)[mine]])
+                collate([self.train_dataset[i] for i in levels.batch(SIDE, first + k)[mine]])
                 for k in range(levels.accum)
             ]
             batches, items = self.get_batch_samples(iter(batches), len(batches), self.args.device)
@@ -352,91 +352,6 @@ class FlatTrainerMixin:
 
 class FlatTrainer(FlatTrainerMixin, Trainer):
     """A ``transformers.Trainer`` that trains with a flatpeft method (see :class:`FlatTrainerMixin`)."""
-
-
-_D1, _D2, _SIDE = 0, 1, 2  # the streams of _Levels: the loader's D1 and D2, darts' extra D1
-
-
-class _Levels:
-    """Where every micro-batch of a run comes from when some steps read no training batch.
-
-    Stream ``k`` is an endless sequence of passes over its split (D1, D2, D1), each pass a permutation
-    seeded by ``(seed, k, pass)``; it is cut into global micro-batches of ``size`` examples (all
-    processes together). Optimizer step ``s`` takes ``accum`` consecutive micro-batches of D2 if it
-    reads D2, of D1 otherwise; a step reading both also takes ``accum`` of the side stream.
-    Everything is a pure function of the step, so a resumed run continues the same sequence.
-    """
-
-    def __init__(
-        self, used: Callable[[int], tuple[bool, bool]], n1: int, n2: int, size: int, accum: int, seed: int
-    ) -> None:
-        self.used, self.sizes, self.size, self.accum, self.seed = used, (n1, n2, n1), size, accum, seed
-        self._orders: dict[tuple[int, int], list[int]] = {}
-        self._counts: dict[Any, tuple[int, int]] = {}
-        lower = math.ceil(n1 / (size * accum))  # steps that read D1 once
-        steps = 0
-        while steps - self.count(self.upper, steps) < lower:
-            steps += 1
-        self.steps_per_epoch = steps
-
-    def upper(self, step: int) -> bool:
-        """Whether step ``step`` takes the loader's batches from D2."""
-        return self.used(step)[1]
-
-    def reads_both(self, step: int) -> bool:
-        """Whether step ``step`` also reads D1 batches besides the loader's D2 ones (darts)."""
-        return all(self.used(step))
-
-    def count(self, kind: Callable[[int], bool], step: int) -> int:
-        """The number of steps before ``step`` of ``kind`` (memoised for increasing ``step``)."""
-        start, total = self._counts.get(kind, (0, 0))
-        if step < start:
-            start, total = 0, 0
-        total += sum(kind(s) for s in range(start, step))
-        self._counts[kind] = (step, total)
-        return total
-
-    def batch(self, stream: int, index: int) -> list[int]:
-        """Global micro-batch ``index`` of ``stream``: indices into its split."""
-        n = self.sizes[stream]
-        return [self._order(stream, p // n)[p % n] for p in range(index * self.size, (index + 1) * self.size)]
-
-    def _order(self, stream: int, epoch: int) -> list[int]:
-        key = (stream, epoch)
-        if key not in self._orders:
-            if len(self._orders) >= 6:  # a run only ever reads the last pass or two of each stream
-                self._orders.pop(min(self._orders, key=lambda k: k[1]))
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + 3 * epoch + stream) % 2**63)
-            self._orders[key] = torch.randperm(self.sizes[stream], generator=g).tolist()
-        return self._orders[key]
-
-    def epoch(self, epoch: int) -> list[int]:
-        """The loader's indices into D1 + D2 (D2 after D1) for Trainer epoch ``epoch``."""
-        start = epoch * self.steps_per_epoch
-        uppers = self.count(self.upper, start)
-        taken = [self.accum * (start - uppers), self.accum * uppers]
-        out: list[int] = []
-        for step in range(start, start + self.steps_per_epoch):
-            stream = _D2 if self.upper(step) else _D1
-            offset = self.sizes[_D1] if stream == _D2 else 0
-            for _ in range(self.accum):
-                out.extend(i + offset for i in self.batch(stream, taken[stream]))
-                taken[stream] += 1
-        return out
-
-
-class _LevelSampler(torch.utils.data.Sampler):
-    """The Trainer's sampler over D1 + D2: the indices of :meth:`_Levels.epoch` for the epoch
-    ``epoch_fn()`` gives when an epoch starts."""
-
-    def __init__(self, levels: _Levels, epoch_fn: Callable[[], int]) -> None:
-        self.levels, self.epoch_fn = levels, epoch_fn
-
-    def __len__(self) -> int:
-        return self.levels.steps_per_epoch * self.levels.accum * self.levels.size
-
-    def __iter__(self):
-        return iter(self.levels.epoch(self.epoch_fn()))
 
 
 def _unused_split() -> torch.Tensor:
