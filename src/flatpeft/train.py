@@ -419,7 +419,9 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
         return json.loads((out / "metrics.json").read_text())  # already complete
     ranks = Ranks.start(cfg.device)
     try:
-        return _train(cfg, out, ranks)
+        metrics = _train(cfg, out, ranks)
+        ranks.barrier()  # no rank tears the process group down while another still uses it
+        return metrics
     finally:
         ranks.stop()
 
