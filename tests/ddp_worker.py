@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flatpeft
-from helpers import defaults_for, frozen_state, make_batch, tiny_bert, trainable_state
+from helpers import defaults_for, exit_worker, frozen_state, make_batch, tiny_bert, trainable_state
 
 STEPS, BATCH = 3, 8
 
@@ -103,3 +103,4 @@ def main(out: str, names: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    exit_worker()

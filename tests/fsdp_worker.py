@@ -21,7 +21,7 @@ import flatpeft
 from ddp_worker import STEPS, parse, train_steps
 from flatpeft._sharded import full, is_sharded
 from flatpeft.integrations.fsdp import shard_model
-from helpers import defaults_for, lm_batch, tiny_llama
+from helpers import defaults_for, exit_worker, lm_batch, tiny_llama
 
 
 def run(spec: str, model, rank: int = 0, world: int = 1, sharded: bool = False):
@@ -107,3 +107,4 @@ def main(out: str, specs: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    exit_worker()

@@ -200,3 +200,11 @@ def torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run([*torchrun_argv(), *args], capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def exit_worker() -> None:
+    """End a torchrun worker that finished its work without the interpreter's teardown, as
+    ``flatpeft.cli.run`` does (that teardown can abort in a C++ destructor on CPU ranks)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

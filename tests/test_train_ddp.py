@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import flatpeft
 from flatpeft import train as train_lib
 from flatpeft.models import load_model
-from helpers import torchrun
+from helpers import exit_worker, torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = [*flatpeft.list_methods(), train_lib.FULL]
@@ -211,3 +211,4 @@ def _worker(jobs_file: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _worker(sys.argv[1])
+    exit_worker()

@@ -26,7 +26,7 @@ import flatpeft
 from flatpeft import _scale, cli
 from flatpeft import train as train_lib
 from flatpeft.models import load_model
-from helpers import torchrun_argv
+from helpers import exit_worker, torchrun_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -470,3 +470,4 @@ def _worker(jobs_file: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _worker(sys.argv[1])
+    exit_worker()

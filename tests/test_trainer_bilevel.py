@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flatpeft
 from flatpeft.methods.bilevel_lora import split_indices
-from helpers import assert_bit_identical, make_batch, tiny_bert, torchrun, trainable_state
+from helpers import assert_bit_identical, exit_worker, make_batch, tiny_bert, torchrun, trainable_state
 
 N = 30  # D1 = 24 examples, D2 = 6 (split 0.8)
 
@@ -270,3 +270,4 @@ if __name__ == "__main__":  # the torchrun worker
     _worker(sys.argv[1])
     dist.barrier()
     dist.destroy_process_group()
+    exit_worker()

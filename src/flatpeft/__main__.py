@@ -1,5 +1,5 @@
 """``python -m flatpeft`` (and ``torchrun -m flatpeft``): the ``flatpeft`` command line."""
 
-from .cli import main
+from .cli import run
 
-raise SystemExit(main())
+run()

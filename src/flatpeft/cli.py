@@ -550,3 +550,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (train_lib.Interrupted, KeyboardInterrupt) as e:
         print(f"flatpeft {args.command}: interrupted. {e}", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The ``flatpeft`` program (console script, ``python -m flatpeft``, ``torchrun -m flatpeft``).
+
+    A ``torchrun`` worker whose command has finished exits without the interpreter's teardown: on 2
+    CPU ranks (gloo, bitsandbytes installed) that teardown aborted in a C++ destructor about once in
+    twelve runs ("terminate called without an active exception", exit -6) after the run folder was
+    complete, which torchrun reports as a failed run. Every file is closed by then; output is flushed.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
