@@ -21,7 +21,7 @@ from . import _peft
 from ._sharded import model_is_sharded
 from .config import MethodConfig
 
-__all__ = ["LossFn", "Method", "attach"]
+__all__ = ["LossFn", "Method", "attach", "unread_loss"]
 
 LossFn = Callable[[], torch.Tensor]
 BackwardFn = Callable[[torch.Tensor], Any]
@@ -264,6 +264,12 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(step={self.step}, config={self.config})"
+
+
+def unread_loss() -> torch.Tensor:
+    """The loss closure a loop passes for data an optimizer step does not read (:meth:`Method.data_used`):
+    a method that calls it anyway fails loudly instead of drawing a batch that was never meant for it."""
+    raise RuntimeError("this optimizer step reads no micro-batch of this data (see Method.data_used)")
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

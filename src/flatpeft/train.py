@@ -73,6 +73,7 @@ from ._train_config import (
     parse_method_spec,
     resolve,
 )
+from .method import unread_loss
 from .methods.full import FullFineTune
 from .registry import get_method, list_methods
 
@@ -492,12 +493,12 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
             step_loss, bad_loss = 0.0, None
             reads_train, reads_upper = used(step)
             for _ in range(cfg.grad_accum):
-                loss_fn, extra = _unused_loss, {}
+                loss_fn, extra = unread_loss, {}
                 if reads_train:  # (all of micro-batch j, 1.0) in one process
                     examples, weight = ranks.shard(stream[drawn[0]])
                     loss_fn, drawn[0] = _loss_fn(run, run.batch(examples), weight), drawn[0] + 1
                 if upper_stream is not None:
-                    upper_fn = _unused_loss
+                    upper_fn = unread_loss
                     if reads_upper:
                         upper_examples, upper_weight = ranks.shard(upper_stream[drawn[1]])
                         upper_fn, drawn[1] = (
@@ -561,11 +562,6 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
     run.model = model
     metrics = _finish(run, out, stream, history) if ranks.main or cfg.fsdp else None
     return ranks.broadcast(metrics)
-
-
-def _unused_loss() -> torch.Tensor:
-    """The loss closure of a stream the step does not read (``Method.data_used``)."""
-    raise RuntimeError("this optimizer step reads no micro-batch from this data (see Method.data_used)")
 
 
 def _loss_fn(run: Run, batch: dict[str, torch.Tensor], weight: float):

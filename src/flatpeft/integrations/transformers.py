@@ -35,7 +35,7 @@ from transformers import Trainer
 
 from .. import _peft
 from ..config import MethodConfig
-from ..method import Method, attach, unwrap_optimizer
+from ..method import Method, attach, unread_loss, unwrap_optimizer
 from ..registry import get_method, make_config
 from ._levels import SIDE, Levels, LevelSampler
 
@@ -197,12 +197,12 @@ class FlatTrainerMixin:
             reads_d1, reads_d2 = self._levels.used(step)
             if reads_d2:
                 extra["upper_loss_fn"] = loss_fn
-                loss_fn = _unused_split
+                loss_fn = unread_loss
                 if reads_d1:
                     d1_batch, items = self._next_side_batch(step)
                     loss_fn = lambda: run(d1_batch, items)  # noqa: E731
             else:
-                extra["upper_loss_fn"] = _unused_split
+                extra["upper_loss_fn"] = unread_loss
         elif method.needs_upper_loss:
             upper = self._next_upper_batch()
             extra["upper_loss_fn"] = lambda: run(upper)
@@ -352,10 +352,6 @@ class FlatTrainerMixin:
 
 class FlatTrainer(FlatTrainerMixin, Trainer):
     """A ``transformers.Trainer`` that trains with a flatpeft method (see :class:`FlatTrainerMixin`)."""
-
-
-def _unused_split() -> torch.Tensor:
-    raise RuntimeError("this optimizer step reads no micro-batch of this split (see Method.data_used)")
 
 
 def _length(dataset: Any) -> int | None:

@@ -154,20 +154,20 @@ class BiLoRA(Method):
         """The auxiliary factors: weight decay would shrink the adversarial perturbation."""
         return list(self.aux_params)
 
+    def _descent_parameters(self) -> list[torch.nn.Parameter]:
+        aux = {id(p) for p in self.aux_params}
+        return [p for p in self.parameters() if id(p) not in aux]
+
     def clip_parameters(self) -> list[torch.nn.Parameter]:
         """The descent parameters only, unless ``grad_clip_aux``: a max-norm clip must neither count the
         ascent gradients in the norm nor rescale them."""
-        if self.config.grad_clip_aux:
-            return self.parameters()
-        aux = {id(p) for p in self.aux_params}
-        return [p for p in self.parameters() if id(p) not in aux]
+        return self.parameters() if self.config.grad_clip_aux else self._descent_parameters()
 
     def param_groups(self, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """The primary adapter (and any other trainable weight) with ``weight_decay``; the auxiliary
         factors with no weight decay and, when ``aux_lr`` is set, their own learning rate η₂."""
-        aux = {id(p) for p in self.aux_params}
         groups = [
-            {"params": [p for p in self.parameters() if id(p) not in aux], "weight_decay": weight_decay},
+            {"params": self._descent_parameters(), "weight_decay": weight_decay},
             {"params": list(self.aux_params), "weight_decay": 0.0},
         ]
         if self.config.aux_lr is not None:
