@@ -16,6 +16,7 @@ labels mapped to ``0..k-1``. Every check runs before anything is written, and ev
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import math
@@ -38,6 +39,7 @@ __all__ = [
     "load_examples",
     "load_rows",
     "load_splits",
+    "split_fingerprint",
     "stratified_split",
     "tweets_path",
 ]
@@ -70,9 +72,11 @@ class Splits:
     test: list[Example]
     labels: list[str] = field(default_factory=list)
     eval_sets: dict[str, list[Example]] = field(default_factory=dict)
+    #: :func:`split_fingerprint` of the split as loaded (runs that share it saw the same examples)
+    fingerprint: str = ""
 
     def summary(self) -> dict[str, Any]:
-        """Sizes and per-class counts, for ``config.json``."""
+        """Sizes, per-class counts and the split's fingerprint, for ``config.json``."""
 
         def counts(examples: list[Example]) -> dict[str, int]:
             c = Counter(e.label for e in examples)
@@ -82,7 +86,19 @@ class Splits:
         for name, part in [("train", self.train), ("val", self.val), ("test", self.test)]:
             out[name] = {"n": len(part), **({"per_class": counts(part)} if self.labels else {})}
         out["eval"] = {name: {"n": len(part)} for name, part in self.eval_sets.items()}
+        out["fingerprint"] = self.fingerprint
         return out
+
+
+def split_fingerprint(parts: dict[str, Sequence[Example]]) -> str:
+    """SHA-256 (first 16 hex digits) of every example of every named part, in order: two runs with the
+    same fingerprint trained and were tested on exactly the same examples."""
+    digest = hashlib.sha256()
+    for name, part in parts.items():
+        digest.update(f"\x00{name}\x00{len(part)}".encode())
+        for e in part:
+            digest.update(json.dumps([e.text, e.label, e.response]).encode())
+    return digest.hexdigest()[:16]
 
 
 # -- reading rows ---------------------------------------------------------------------------------------
@@ -390,7 +406,8 @@ def load_splits(
     extra = {}
     for name in eval_data:
         extra[name], _ = load_examples(name, **columns, labels=labels if labels else None)
-    return Splits(train=rest, val=val, test=test, labels=labels, eval_sets=extra)
+    parts = {"train": rest, "val": val, "test": test} | {f"eval:{k}": v for k, v in extra.items()}
+    return Splits(rest, val, test, labels, extra, fingerprint=split_fingerprint(parts))
 
 
 # -- batching --------------------------------------------------------------------------------------------
