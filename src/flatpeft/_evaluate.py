@@ -72,7 +72,11 @@ def macro_f1(truth: list[int], preds: list[int]) -> float:
 
 def sharpness(run: Run) -> dict[str, Any] | None:
     """Expected full-space sharpness of the final adapter on up to 4 test batches, when available
-    (not under ``--fsdp``: ``flatpeft sharpness`` measures the saved adapter on one process)."""
+    (not under ``--fsdp``: ``flatpeft sharpness`` measures the saved adapter on one process).
+
+    Every run draws the same noise (seed :data:`NOISE_SEED`, not the run's seed): runs of one
+    comparison are measured with common random numbers, so their differences are paired draw by
+    draw. The result keeps every draw and the Monte-Carlo standard error."""
     try:
         from . import sharpness
     except ImportError:
@@ -90,13 +94,19 @@ def sharpness(run: Run) -> dict[str, Any] | None:
             sigma=run.cfg.sharpness_sigma,
             n_samples=run.cfg.sharpness_samples,
             space="full",
-            seed=run.cfg.seed,
+            seed=NOISE_SEED,
             progress=run.cfg.progress,
         )
     run.model.train()
     return {
         "expected_full": float(result.value),
+        "stderr": result.stderr,
+        "samples": result.samples,
+        "noise_seed": NOISE_SEED,
         "sigma": run.cfg.sharpness_sigma,
         "n_samples": run.cfg.sharpness_samples,
         "n_examples": sum(len(b["labels"]) for b in batches),
     }
+
+
+NOISE_SEED = 0  # the sharpness probe's noise, the same for every run
