@@ -14,6 +14,7 @@ import yaml
 
 import flatpeft
 from flatpeft import cli
+from flatpeft import compare as compare_lib
 from flatpeft import train as train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,9 +155,9 @@ def in_process(config_file: Path) -> int:
 
 def test_compare_tabulates_methods_and_seeds(small_csv, in_tmp, monkeypatch, capsys):
     launched = []
-    monkeypatch.setattr(cli, "_launch", lambda f: launched.append(f) or in_process(f))
+    monkeypatch.setattr(compare_lib, "_launch", lambda f: launched.append(f) or in_process(f))
     specs = ["lora", "flat_lora:sigma=0.1"]
-    args = ["compare", "--data", small_csv, *TINY, "--methods", *specs, "--seeds", "0", "1", "--out", "cmp"]
+    args = ["compare", "--data", small_csv, *TINY, "--methods", *specs, "--seeds", "0-1", "--out", "cmp"]
     sharp = ["--sharpness-samples", "2"]
     assert cli.main([*args, *sharp]) == 0
     printed = capsys.readouterr().out
@@ -170,7 +171,7 @@ def test_compare_tabulates_methods_and_seeds(small_csv, in_tmp, monkeypatch, cap
     }
     assert len(launched) == 4
     report = json.loads((root / "compare.json").read_text())
-    assert [r["label"] for r in report["summary"]] == ["lora", "flat_lora sigma=0.1"]
+    assert [r["label"] for r in report["summary"]["rows"]] == ["lora", "flat_lora sigma=0.1"]
     assert [(r["label"], r["seed"]) for r in report["runs"]] == [
         ("lora", 0), ("lora", 1), ("flat_lora sigma=0.1", 0), ("flat_lora sigma=0.1", 1)
     ]  # fmt: skip
@@ -178,22 +179,21 @@ def test_compare_tabulates_methods_and_seeds(small_csv, in_tmp, monkeypatch, cap
     configs = [json.loads((Path(r["dir"]) / "config.json").read_text()) for r in report["runs"]]
     assert all(c["data"] == configs[0]["data"] for c in configs)
     assert configs[2]["method_config"]["sigma"] == 0.1 and configs[1]["config"]["seed"] == 1
-    lora = report["summary"][0]
+    lora, flat = report["summary"]["rows"]
     accs = [r["test"]["accuracy"] for r in report["runs"][:2]]
-    assert lora["accuracy"]["mean"] == pytest.approx(sum(accs) / 2) and lora["time_ratio"] == 1.0
+    assert lora["stats"]["test"]["accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert lora["diff"]["test"]["accuracy"] is None and flat["diff"]["test"]["loss"]["seeds"] == [0, 1]
     table = (root / "compare.md").read_text()
-    assert table.strip() in printed and "| lora | 2 |" in table and " ± " in table and "× lora" in table
+    assert table.strip() in printed and "| lora | 2 |" in table and "Δ accuracy (pt) (test)" in table
+    assert "flat_lora sigma=0.1: accuracy " in printed and " in-domain" in printed
     if importlib.util.find_spec("flatpeft.sharpness") is not None:
         assert all(r["sharpness"]["n_samples"] == 2 for r in report["runs"])
-        assert "sharpness (full, expected)" in table
-    with open(root / "compare.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["label"] for r in rows] == ["lora", "flat_lora sigma=0.1"] and "accuracy_std" in rows[0]
+        assert "sharpness (full, expected)" in table and "probe SE" in table
 
     # --resume reuses the finished runs; another comparison in the same folder is refused.
     assert cli.main([*args, *sharp, "--resume"]) == 0 and len(launched) == 4
     assert cli.main([*args, "--resume"]) == 2
-    assert "holds another comparison" in capsys.readouterr().err
+    assert "holds a comparison with other run options" in capsys.readouterr().err
 
 
 def test_compare_runs_each_training_in_its_own_process(small_csv, in_tmp, capsys):

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 import flatpeft
 from flatpeft import _scale, cli
+from flatpeft import compare as compare_lib
 from flatpeft import train as train_lib
 from flatpeft.models import load_model
 from helpers import exit_worker, torchrun_argv
@@ -311,7 +312,9 @@ def test_an_unknown_precision_is_refused():
 
 def test_compare_passes_the_flags_to_every_run(sft, tmp_path, monkeypatch, capsys):
     launched = []
-    monkeypatch.setattr(cli, "_launch_torchrun", lambda f, n: launched.append((json.loads(f.read_text()), n)))
+    monkeypatch.setattr(
+        compare_lib, "_launch_torchrun", lambda f, n: launched.append((json.loads(f.read_text()), n))
+    )
     args = [
         "compare",
         "--data",
