@@ -41,12 +41,24 @@ def _fields(cls) -> set[str]:
     return {name for name, *_ in cls.describe()}
 
 
+# Every strength field any method declares (ρ, σ): each method either validates it or refuses it.
+STRENGTH_NAMES = sorted(
+    {f for m in flatpeft.list_methods() for f in flatpeft.get_method(m).config_class.strength_fields()}
+)
+
+
+@pytest.mark.parametrize("field", STRENGTH_NAMES)
 @pytest.mark.parametrize("value", [-0.1, math.nan, math.inf])
-def test_bad_strength_values_are_rejected(method_name, value):
-    cls = flatpeft.get_method(method_name).config_class
-    for field in cls.strength_fields():
-        with pytest.raises(ValueError, match=field):
-            flatpeft.make_config(method_name, **{field: value})
+def test_bad_strength_values_are_rejected(method_name, field, value):
+    """A method's own strength field rejects negative and non-finite values by name; a strength field
+    the method does not have (``rho`` for ``lora``) is an unknown option, not silently ignored."""
+    assert STRENGTH_NAMES  # the registry declares strength fields at all
+    own = flatpeft.get_method(method_name).config_class.strength_fields()
+    message = rf"\.{field} must be" if field in own else rf"unknown option\(s\) \['{field}'\]"
+    with pytest.raises(ValueError, match=message):
+        flatpeft.make_config(method_name, **{field: value})
+    with pytest.raises(ValueError, match=message):
+        flatpeft.attach(tiny_bert(), method_name, total_steps=3, **{field: value})
 
 
 def test_config_type_and_choice_errors():

@@ -73,6 +73,7 @@ def test_earlier_passes_are_released(method_name):
 
 
 def test_zero_strength_reproduces_plain_backward(method_spec):
+    """At the initial point (bi-level methods: λ at its start, where the adapter is the LoRA one)."""
     name, options = method_spec
     model = tiny_bert()
     batch = make_batch()
@@ -82,13 +83,67 @@ def test_zero_strength_reproduces_plain_backward(method_spec):
 
     method = flatpeft.attach(model, name, **defaults_for(name, **options, **_zero_strength(name)))
     method.step = 5
-    if method.needs_upper_loss:
-        pytest.skip("bi-level methods optimise a different objective (covered in their own tests)")
+    assert method.data_used(method.config, method.step) == (True, False)  # a step on the training loss
     run_backward(method, model, batch)
     got = _grads(model)
     assert got.keys() == plain.keys()
     for k in plain:
         torch.testing.assert_close(got[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _relative_gap(name: str, options: dict, strength: float) -> float:
+    """max |method.backward gradient − plain backward gradient| / max |plain gradient| on an fp64 model,
+    with every strength field set to ``strength``, at optimizer step 1 (after one SGD step, with T = 1:
+    a σ ramp has reached σ, an EMA of the perturbation exists, an auxiliary branch started at zero has
+    moved).
+
+    Both gradients are taken at the same point on the same batch; only the parameters a plain
+    backward reaches are compared (an auxiliary branch has no plain gradient).
+    """
+    fields = flatpeft.get_method(name).config_class.strength_fields()
+    model = tiny_bert(dtype=torch.float64)
+    strengths = dict.fromkeys(fields, strength)
+    method = flatpeft.attach(model, name, **defaults_for(name, total_steps=1, **options, **strengths))
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    method.bind(opt)
+    run_backward(method, model, make_batch(1))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert method.step == 1 and method.data_used(method.config, 1) == (True, False)
+
+    batch = make_batch(0)
+    model(**batch).loss.backward()
+    plain = _grads(model)
+    model.zero_grad(set_to_none=True)
+    run_backward(method, model, batch)
+    got = _grads(model)
+    assert plain.keys() <= got.keys()
+    gap = max(float((got[k] - plain[k]).abs().max()) for k in plain)
+    return gap / max(float(plain[k].abs().max()) for k in plain)
+
+
+def test_small_strength_perturbs_and_approaches_plain_backward(method_spec):
+    """A strength s > 0 runs the perturbation (not a ``strength == 0`` shortcut): the gradient moves
+    away from the plain one by a first-order amount, c·s with c in [0.01, 10] (fp64 rounding is
+    ~1e-16), and the gap shrinks linearly as s does, so it vanishes as s → 0. A method that declares
+    no strength field (``option(..., strength=True)``) must be a plain backward, exactly."""
+    name, options = method_spec
+    if not flatpeft.get_method(name).config_class.strength_fields():
+        assert _relative_gap(name, options, 0.0) == 0.0
+        return
+    coarse, fine = (_relative_gap(name, options, s) for s in (1e-6, 1e-7))
+    for s, gap in ((1e-6, coarse), (1e-7, fine)):
+        assert 0.01 * s <= gap <= 10 * s, (s, gap)
+    assert coarse / fine == pytest.approx(10.0, rel=1e-3)
+
+
+def test_strength_report_names_the_strength_fields(method_name):
+    """``strength()`` (logged next to the loss) reports exactly the declared strength fields, so a method
+    cannot perturb by a radius the strength contracts above do not drive."""
+    model = tiny_bert()
+    method = flatpeft.attach(model, method_name, **defaults_for(method_name))
+    declared = flatpeft.get_method(method_name).config_class.strength_fields()
+    assert sorted(method.strength()) == sorted(declared)
 
 
 def test_model_is_clean_outside_backward(method_name):

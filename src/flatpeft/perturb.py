@@ -99,8 +99,8 @@ class _NoisyBase(torch.autograd.Function):
 
 def _make_rows(weight_rows, row_std, n, seed, dtype) -> torch.Tensor:
     noise = filter_noise(row_std, n, seed)
-    if weight_rows is not None:
-        noise.add_(weight_rows)
+    if weight_rows is not None:  # W0 + ε in fp32, or in fp64 for an fp64 weight (never rounded down)
+        noise = noise.to(torch.promote_types(noise.dtype, weight_rows.dtype)).add_(weight_rows)
     return noise.to(dtype)
 
 
