@@ -144,6 +144,7 @@ def _sweeps(plt, path: Path, summary: dict[str, Any], groups: list[str]) -> Path
                 elif min(xs) > 0 and max(xs) / min(xs) >= 4:
                     ax.set_xscale("log")
                     ax.set_xticks(xs, [r["sweep"]["value"] for r in members])
+                    ax.minorticks_off()
     title = "strength sweep: mean ± 95 % t-interval over seeds (top), paired difference (bottom)"
     fig.suptitle(title, fontsize=10)
     return _save(plt, fig, path)

@@ -37,7 +37,7 @@ MARKER = "compare-config.json"
 SKIP = {"method", "method_options", "resume", "out", "seed"}  # per-run options compare sets itself
 #: the expected full-space sharpness probe is on unless switched off (see docs/sharpness.md for why
 #: these numbers: with common noise across runs their standard error is well below the differences)
-DEFAULTS = {"sharpness_samples": 16, "sharpness_sigma": 0.1}
+DEFAULTS = {"sharpness_samples": 8, "sharpness_sigma": 0.05}
 
 
 @dataclass(frozen=True)
