@@ -4,18 +4,24 @@ two PEFT adapters and as the fused rank-(r1 + r2) branch ``bi_lora`` uses (``_pe
     python benchmarks/bi_lora_layer.py                 # 384 → 1536, 2048 tokens, r = 8 + 8
     python benchmarks/bi_lora_layer.py --out 1536 --tokens 4096
 
-Interleaved rounds; prints the median milliseconds per pass of each variant and its ratio to LoRA.
+Interleaved rounds; prints the median milliseconds per pass of each variant and its ratio to LoRA,
+and writes them with the settings and the machine to ``--json``
+(default ``benchmarks/results/bi-lora-layer-<device>.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import peft
 import torch
+from report import machine
 from torch import nn
 
 from flatpeft import _peft
@@ -35,11 +41,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--in-features", type=int, default=384)
-    parser.add_argument("--out", type=int, default=1536)
+    parser.add_argument("--out", type=int, default=1536, help="out features")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--passes", type=int, default=40)
+    parser.add_argument("--json", type=Path, default=None, help="where to write the result")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["lin"])
@@ -69,6 +76,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result = {name: statistics.median(t) for name, t in times.items()}
     for name, ms in result.items():
         print(f"{name:13s} {ms:7.2f} ms/pass  {ms / result['lora']:.2f}× lora")
+    out = args.json or Path(__file__).resolve().parent / "results" / "bi-lora-layer-cpu.json"
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "ms_per_pass": result,
+        "ratio_to_lora": {name: ms / result["lora"] for name, ms in result.items()},
+        "round_ms": times,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {out}")
     return result
 
 

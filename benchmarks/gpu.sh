@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU overhead benchmark (SPEC §5) in one command: every method and control on LLaMA-3.2-1B and
+# LLaMA-3-8B shapes (random weights, no download), bf16, one H100/H200, activation checkpointing off
+# and on, plus bf16 exactness of the frozen weights. Needs only PyTorch, Transformers, PEFT and
+# Accelerate; runs from the source tree. Stays under 8 minutes (the time plan is in
+# benchmarks/gpu_suite.py) and writes JSON and Markdown (summary.md) into one folder.
+#
+#   bash benchmarks/gpu.sh                      # -> benchmarks/results/gpu-<UTC time>/
+#   bash benchmarks/gpu.sh OUT_DIR
+#   bash benchmarks/gpu.sh OUT_DIR --smoke      # the same code on CPU, tiny shapes, seconds (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%S)}"
+shift $(($# > 0 ? 1 : 0))
+python="${PYTHON:-python}"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+"$python" -c 'import torch, transformers, peft, accelerate
+print("torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__,
+      "| accelerate", accelerate.__version__, "| cuda", torch.cuda.is_available() and torch.cuda.get_device_name())'
+exec "$python" benchmarks/gpu_suite.py --out-dir "$out" "$@"
