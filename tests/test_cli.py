@@ -229,9 +229,9 @@ def test_there_are_shipped_configs():
 def test_every_shipped_config_parses(path):
     options = cli.load_config_file(str(path))
     methods = options.pop("methods", None) or [options.pop("method", "lora")]
-    seeds = options.pop("seeds", [0])
-    assert all(isinstance(s, int) for s in seeds)
-    base = train_lib.TrainConfig.from_dict({k: v for k, v in options.items() if k not in ("out", "resume")})
-    for spec in methods:
-        cfg = train_lib.apply_method_spec(base, spec)
+    assert compare_lib.parse_seeds(options.pop("seeds", [0]))
+    skip = ("out", "resume", "reference")
+    base = train_lib.TrainConfig.from_dict({k: v for k, v in options.items() if k not in skip})
+    for row in compare_lib.expand_specs(methods):
+        cfg = train_lib.apply_method_spec(base, row.spec)
         train_lib._method_config(cfg, 10)
