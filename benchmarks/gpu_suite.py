@@ -36,6 +36,7 @@ import argparse
 import gc
 import json
 import time
+import traceback
 from pathlib import Path
 
 import overhead
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "plan": [{"name": m["name"], "estimate_s": round(e, 1)} for m, e in zip(plan, estimates, strict=True)]
     }
-    summary |= {"budget_s": args.budget_s, "tflops_assumed": args.tflops, "reports": {}, "targets": {}}
+    summary |= {"budget_s": args.budget_s, "tflops_assumed": args.tflops}
+    summary |= {"reports": {}, "targets": {}, "errors": {}}
     sections = []
     for i, m in enumerate(plan):
         left = args.budget_s - (time.monotonic() - started)
@@ -152,11 +154,17 @@ def main(argv: list[str] | None = None) -> dict:
             *m.get("flags", []),
         ]  # fmt: skip
         print(f"== {m['name']}: estimated {estimates[i]:.0f} s, budget {share:.0f} s", flush=True)
-        report = overhead.main(argv_m)
-        summary["reports"][m["name"]] = report
-        sections.append(f"\n## {m['name']}\n\n{overhead.markdown_table(report)}")
-        if m.get("targets"):
-            summary["targets"][m["name"]] = check_targets(report)
+        try:
+            report = overhead.main(argv_m)
+        except Exception as err:  # one failed measurement must not lose the others
+            traceback.print_exc()
+            summary["errors"][m["name"]] = repr(err)
+            sections.append(f"\n## {m['name']}\n\nfailed: `{err!r}`")
+        else:
+            summary["reports"][m["name"]] = report
+            sections.append(f"\n## {m['name']}\n\n{overhead.markdown_table(report)}")
+            if m.get("targets"):
+                summary["targets"][m["name"]] = check_targets(report)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -167,7 +167,7 @@ def build_runs(args, specs, base, device, skipped: dict[str, str]):
                 one_step(*run, batches=args._batches)
                 _sync(device)
                 warm[spec] = time.perf_counter() - start
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             run = None
             skipped[spec] = "out of memory"
             _free(device)
@@ -196,12 +196,12 @@ def plan_rounds(args, runs: dict, warm: dict, skipped: dict[str, str]) -> int:
         del runs[costliest]
 
 
-def time_methods(args, runs: dict, resident: dict, base_mb: float, rounds: int, device) -> dict[str, dict]:
+def time_methods(args, runs: dict, resident: dict, base_mb: float, rounds: int, device, skipped) -> dict:
     specs = list(runs)
     times: dict[str, list[float]] = {spec: [] for spec in specs}  # mean seconds/step of each round
     peaks: dict[str, float] = {}
     for r in range(rounds):
-        order = specs if r % 2 == 0 else [specs[0], *reversed(specs[1:])]
+        order = list(specs) if r % 2 == 0 else [specs[0], *reversed(specs[1:])]
         for spec in order:
             one_step = step_fn(args, device, PASSES.get(spec, 1))
             if device.type == "cuda":
@@ -209,9 +209,18 @@ def time_methods(args, runs: dict, resident: dict, base_mb: float, rounds: int, 
             _sync(device)
             start_mb = _allocated_mb(device)
             start = time.perf_counter()
-            for _ in range(args.steps):
-                one_step(*runs[spec], batches=args._batches)
-            _sync(device)
+            try:
+                for _ in range(args.steps):
+                    one_step(*runs[spec], batches=args._batches)
+                _sync(device)
+            except torch.cuda.OutOfMemoryError:
+                if spec == "lora":
+                    raise
+                skipped[spec] = f"out of memory in round {r + 1}"
+                del runs[spec], times[spec]
+                specs.remove(spec)
+                _free(device)
+                continue
             times[spec].append((time.perf_counter() - start) / args.steps)
             if device.type == "cuda":
                 rise = torch.cuda.max_memory_allocated() / 2**20 - start_mb
@@ -377,10 +386,13 @@ def main(argv: list[str] | None = None) -> dict:
     args._batches = make_batches(args, base, device)
     base_mb = _allocated_mb(device)
     skipped = planned_skips(args, specs, device)
-    runs, resident, warm = build_runs(args, specs, base, device, skipped)
+    if args.no_time and not (args.exactness_steps or args.profile):  # CPU memory only: children build
+        runs, resident, warm = dict.fromkeys(s for s in specs if s not in skipped), {}, {}
+    else:
+        runs, resident, warm = build_runs(args, specs, base, device, skipped)
     rounds = 0 if args.no_time else plan_rounds(args, runs, warm, skipped)
     if rounds:
-        results = time_methods(args, runs, resident, base_mb, rounds, device)
+        results = time_methods(args, runs, resident, base_mb, rounds, device, skipped)
     else:
         results = {s: {"seconds_per_step": math.nan, "round_means": [], "peak_mb": None} for s in runs}
     checks = None

@@ -53,7 +53,7 @@ def test_gpu_sh_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     names = ["exactness", "llama-tiny-b2x16", "llama-tiny-b2x16-ckpt"]
-    assert list(summary["reports"]) == names
+    assert list(summary["reports"]) == names and summary["errors"] == {}
     assert all((tmp_path / f"{name}.json").exists() for name in names)
     every = {*flatpeft.list_methods(), *overhead.VARIANTS}
     exact = summary["reports"]["exactness"]["exactness"]["results"]
