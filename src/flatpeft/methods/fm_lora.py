@@ -12,7 +12,7 @@ B restored by copy. Each micro-batch is perturbed along its own gradient, like `
 the clean pass is all-reduced unless ``sync_first_pass=False``.
 
 Implementation, O(r²(m + n)) per layer and no m×n matrix: A⁺ = Aᵀ(AAᵀ + λ_A I)⁻¹ and
-(Bᵀ)⁺ = B(BᵀB + λ_B I)⁻¹ by damped r×r solves in fp32 (a per-layer SVD ``pinverse`` is ~4.5× slower),
+(Bᵀ)⁺ = B(BᵀB + λ_B I)⁻¹ by damped r×r solves in fp32, batched over layers (no per-layer SVD ``pinverse``),
 λ = δ·tr(Gram)/r so the estimate is invariant to the rescaling (cB, A/c). ĝ stays factored,
 ĝ = [∇B, B]·D·[A; ∇A] with D = blockdiag(c₁K_A⁻¹, c₂K_B⁻¹)/s, so with S = [A; ∇A][A; ∇A]ᵀ:
 ‖ĝ‖_F² = Σ([∇B, B]ᵀ[∇B, B] ⊙ D·S·Dᵀ) and ĝ·A⁺ = [∇B, B]·D·S[:, :r]·K_A⁻¹.
