@@ -157,11 +157,13 @@ class FlatTrainerMixin:
         return optimizer
 
     def _clip_grad_norm(self, model):
-        """Clip :meth:`Method.clip_parameters` (Bi-LoRA: the descent gradients only) instead of every
-        parameter, where the Trainer clips through this hook."""
+        """Clip :meth:`Method.clip_parameters` (Bi-LoRA: the descent gradients only; BiLoRA: λ, kept
+        outside the model, included) instead of the model's parameters, where the Trainer clips through
+        this hook; the Trainer's own clip when the two are the same parameters."""
         method = self._ensure_method()
         clip = method.clip_parameters()
-        if len(clip) == len(method.parameters()):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if {id(p) for p in clip} == {id(p) for p in trainable}:
             return super()._clip_grad_norm(model)
         return self.accelerator.clip_grad_norm_(clip, self.args.max_grad_norm)
 
@@ -187,6 +189,13 @@ class FlatTrainerMixin:
                 del accelerator.backward
             return captured["loss"]
 
+        if getattr(self, "_flat_zeroed", None) != self.state.global_step:
+            # The Trainer zeroes the gradients with model.zero_grad() between optimizer steps; those of
+            # parameters the method keeps outside the model (BiLoRA's λ) are zeroed here, at the first
+            # micro-batch of every step, or they would carry into the next step's clip and update.
+            self._flat_zeroed = self.state.global_step
+            for p in method.own_parameters().values():
+                p.grad = None
         self._flat_strength = method.strength()  # logged with this step's loss
         loss_fn, extra = (lambda: run(inputs)), {}
         if method.needs_upper_loss and self._levels is not None:
