@@ -30,6 +30,8 @@ def machine() -> dict:
         "transformers": transformers.__version__,
         "flatpeft": flatpeft.__version__,
     }
+    if hasattr(os, "getloadavg"):  # other work on the machine at the end of the run (1, 5, 15 min)
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
