@@ -203,7 +203,9 @@ def test_compare_runs_share_the_exact_split(tiny_compare):
     fingerprints = {json.loads((Path(r["dir"]) / "config.json").read_text())["data"]["fingerprint"]
                     for r in report["runs"]}  # fmt: skip
     assert fingerprints == {splits.fingerprint} == {report["split_fingerprint"]}
-    parts = {"train": splits.train, "val": splits.val, "test": splits.test, f"eval:{tiny_compare['ood']}": []}
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    ood = {f"eval:{tiny_compare['ood']}": splits.eval_sets[tiny_compare["ood"]]}
+    assert data_lib.split_fingerprint(parts | ood) == splits.fingerprint
     assert data_lib.split_fingerprint(parts) != splits.fingerprint  # the eval set is part of it
 
 
