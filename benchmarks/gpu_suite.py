@@ -17,12 +17,13 @@ Hugging Face LLaMA training reaches), times each method's passes per step (``PAS
 (rounds × steps + warm-up) steps, plus ``BUILD_S`` seconds per measurement for the random
 initialisation and the PEFT wrapping. At the 400 TFLOP/s assumption one LoRA step is 0.31 s
 (llama-8b, 4 × 1024, no checkpointing) and 0.47 s (with), 0.10 s and 0.16 s for llama-1b (8 × 1024),
-and the whole suite about 340 s. The budget is shared among the measurements in proportion to these
-estimates; each measurement then re-plans from its own warm-up step times (``overhead.py
---budget-s``: fewer rounds, and the costliest methods skipped and listed if two rounds do not fit), so
-a slower GPU gives a shorter table, not an overrun. ``sam_full`` is skipped on llama-8b up front when
-its full-weight tensors (16 bytes per adapted weight: 112 GB) and the weights exceed 80 % of the
-GPU's memory: it is the small-model reference. Every result is written as soon as it is measured.
+and the whole suite about 385 s (less where sam_full is skipped). The budget is shared among the
+measurements in proportion to these estimates; each measurement then re-plans from its own warm-up
+step times (``overhead.py --budget-s``: fewer rounds, and the costliest methods skipped and listed if
+two rounds do not fit), so a slower GPU gives a shorter table, not an overrun. ``sam_full`` is
+skipped on llama-8b up front when its full-weight tensors (16 bytes per adapted weight: 112 GB) and
+the weights exceed 80 % of the GPU's memory: it is the small-model reference. Every result is
+written as soon as it is measured.
 
 ``--smoke`` runs the same code on CPU on ``llama-tiny`` shapes in seconds (what CI tests).
 
