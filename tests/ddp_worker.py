@@ -60,6 +60,26 @@ def run(spec: str, model, rank: int = 0, world: int = 1, wrap=lambda m: m):
     return model
 
 
+def probe(spec: str, rank: int, world: int, wrap=lambda m: m) -> dict:
+    """One ``backward`` at optimizer step 2 on a fresh model (a σ ramp is past 0 there): ``loss``, this
+    rank's loss on a batch every rank shares, and ``grad``, the gradients of this rank's shard of
+    ``make_batch(0)`` (reduced over ranks when ``wrap`` is DDP)."""
+    name, options = parse(spec)
+    model = tiny_bert()
+    method = flatpeft.attach(model, name, **defaults_for(name, total_steps=STEPS + 1, **options))
+    net = wrap(model)
+    method.set_wrapper(net)
+    method.step = 2
+    same = make_batch(5, n=BATCH // world)
+    loss = float(method.backward(lambda: net(**same).loss))
+    model.zero_grad(set_to_none=True)
+    batch = shard(make_batch(0, n=BATCH), rank, world)
+    method.backward(lambda: net(**batch).loss)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    method.detach()
+    return {"loss": loss, "grad": grads}
+
+
 def run_trainer(name: str, out: str) -> dict:
     """FlatTrainer under torchrun: the Trainer wraps the model in DDP itself."""
     from transformers import TrainingArguments
@@ -96,6 +116,8 @@ def main(out: str, names: list[str]) -> None:
         result = {"adapter": trainable_state(model), "frozen_untouched": untouched}
         if ":" not in spec:
             result["trainer"] = run_trainer(spec, out)
+        if not flatpeft.get_method(parse(spec)[0]).needs_upper_loss:
+            result["probe"] = probe(spec, rank, world, wrap=DistributedDataParallel)
         torch.save(result, os.path.join(out, f"{spec}-rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
