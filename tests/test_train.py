@@ -219,7 +219,17 @@ def test_causal_lm_on_a_tiny_llama_trains_on_response_tokens_only(tmp_path, monk
                 logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
             )
             assert float(model(**batch).loss) == pytest.approx(float(reference), rel=1e-5)
-    assert set(metrics["test"]) == {"loss", "n", "token_accuracy", "perplexity"}
+    assert set(metrics["test"]) == {"loss", "n", "token_accuracy", "perplexity", "exact_match"}
+    # The generated answers of the held-out sets are in the run folder, scored as in metrics.json.
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    test = [r for r in records if r["set"] == "test"]
+    assert len(test) == metrics["test"]["n"] and {r["response"] for r in test} <= {
+        " yes!",
+        " no!",
+        " maybe!",
+        " ok!",
+    }
+    assert metrics["test"]["exact_match"] == sum(r["correct"] for r in test) / len(test)
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
 
 

@@ -1,5 +1,5 @@
-"""Evaluating a ``flatpeft train`` run: loss and accuracy / macro-F1 (classification), token accuracy and
-perplexity (causal-LM), and the end-of-run expected sharpness."""
+"""Evaluating a ``flatpeft train`` run: loss and accuracy / macro-F1 (classification), token accuracy,
+perplexity and generated answers' exact match (causal-LM), and the end-of-run expected sharpness."""
 
 from __future__ import annotations
 
@@ -19,12 +19,20 @@ __all__ = ["evaluate", "macro_f1", "sharpness"]
 
 
 @torch.no_grad()
-def evaluate(run: Run, examples: list[data_lib.Example]) -> dict[str, float]:
+def evaluate(
+    run: Run, examples: list[data_lib.Example], *, generate: bool = False, samples: list | None = None
+) -> dict[str, float]:
     """Loss (and accuracy, macro-F1 for classification; token accuracy, perplexity for causal-LM).
 
     The model is evaluated in eval mode (no dropout) at its clean weights, under the run's autocast.
     Sharded (``--fsdp``), every rank must call it: each forward all-gathers the weights, so every rank
     evaluates the whole set (the same numbers everywhere).
+
+    Args:
+        generate: Causal-LM with ``max_new_tokens`` > 0: also answer each prompt greedily and report
+            ``exact_match``, the fraction of answers equal to the response after normalisation.
+        samples: A list that receives the first :data:`SAMPLES` answers as
+            ``{"prompt", "response", "prediction", "correct"}`` records.
     """
     if not examples:
         return {}
@@ -48,7 +56,6 @@ def evaluate(run: Run, examples: list[data_lib.Example]) -> dict[str, float]:
             loss_sum += float(nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
             count += int(mask.sum())
             correct += int((logits.argmax(-1)[mask] == labels[mask]).sum())
-    run.model.train(was_training)
     out = {"loss": loss_sum / max(count, 1), "n": len(examples)}
     if run.cfg.task == "classification":
         out["accuracy"] = sum(t == p for t, p in zip(truth, preds, strict=True)) / len(truth)
@@ -56,7 +63,39 @@ def evaluate(run: Run, examples: list[data_lib.Example]) -> dict[str, float]:
     else:
         out["token_accuracy"] = correct / max(count, 1)
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
+        if generate and run.cfg.max_new_tokens:
+            out["exact_match"] = _exact_match(run, examples, samples)
+    run.model.train(was_training)
     return out
+
+
+SAMPLES = 25  # answers per evaluation set written to the run folder's predictions.jsonl
+
+
+def _exact_match(run: Run, examples: list[data_lib.Example], samples: list | None) -> float:
+    """Greedy answers to every prompt of ``examples``, scored by normalised exact match."""
+    from . import data as data_lib
+    from ._generate import exact_match, generate_answers
+
+    chat = data_lib.uses_chat_template(run.tokenizer, run.cfg.chat_template)
+    prompts = [data_lib.prompt_ids(run.tokenizer, e.text, chat)[-run.cfg.max_length :] for e in examples]
+    with run.precision.autocast():
+        answers = generate_answers(
+            run.model,
+            run.tokenizer,
+            prompts,
+            max_new_tokens=run.cfg.max_new_tokens,
+            batch_size=run.cfg.eval_batch_size,
+            device=run.device,
+            synced_gpus=run.cfg.fsdp and run.ranks.world > 1,
+        )
+    hits = [exact_match(a, e.response) for a, e in zip(answers, examples, strict=True)]
+    if samples is not None:
+        samples += [
+            {"prompt": e.text, "response": e.response, "prediction": a, "correct": hit}
+            for e, a, hit in list(zip(examples, answers, hits, strict=True))[:SAMPLES]
+        ]
+    return sum(hits) / len(hits)
 
 
 def macro_f1(truth: list[int], preds: list[int]) -> float:

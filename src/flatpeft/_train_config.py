@@ -31,13 +31,21 @@ def _opt(default: Any, help: str) -> Any:
 class TrainConfig:
     """Everything one ``flatpeft train`` run depends on; the keys of a YAML/JSON config file."""
 
-    model: str = _opt("minilm", "minilm (built-in), tiny (random, for tests), a local folder or a Hub name")
+    model: str = _opt(
+        "minilm", "minilm or smollm2 (built-in), tiny (random, for tests), a local folder or a Hub name"
+    )
     data: str = _opt("tweets", "tweets (built-in), a .csv/.jsonl/.parquet file or a datasets name")
     task: Literal["classification", "causal-lm"] = _opt("classification", "what to train")
     text_column: str | None = _opt(None, "text column (default: text)")
     label_column: str | None = _opt(None, "label column (default: label; tweets: sentiment)")
     prompt_column: str = _opt("prompt", "causal-lm: prompt column")
     response_column: str = _opt("response", "causal-lm: response column (the loss covers only it)")
+    chat_template: Literal["auto", "none"] = _opt(
+        "auto", "causal-lm: format prompts with the tokenizer's chat template (auto: when it has one)"
+    )
+    max_new_tokens: int = _opt(
+        32, "causal-lm: tokens generated greedily per held-out prompt, scored by exact match (0: off)"
+    )
     eval_data: list[str] = field(
         default_factory=list, metadata={"help": "extra evaluation data with the same columns (repeatable)"}
     )
@@ -129,6 +137,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive number, got {value}")
         nonneg = ["warmup", "max_grad_norm", "val_size", "test_size", "weight_decay", "lora_dropout"]
         nonneg += ["eval_every", "log_every", "checkpoint_every", "sharpness_samples", "sharpness_sigma"]
+        nonneg += ["max_new_tokens"]
         for name in nonneg:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -138,6 +147,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         if self.task not in ("classification", "causal-lm"):
             raise ConfigError(f"task must be classification or causal-lm, got {self.task!r}")
+        if self.chat_template not in ("auto", "none"):
+            raise ConfigError(f"chat_template must be auto or none, got {self.chat_template!r}")
         if self.upper_data not in ("split", "val"):
             raise ConfigError(f"upper_data must be split or val, got {self.upper_data!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):

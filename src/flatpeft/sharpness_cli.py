@@ -42,14 +42,16 @@ DEFAULT_METRICS = ("expected", "worst_case", "hessian_eigenvalue", "hessian_trac
 _CLI_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "adapter": (None, str, "a saved PEFT adapter folder, or a `flatpeft train` run folder (whose model, "
                 "data and split then become the defaults)"),
-    "model": (None, str, "base model: minilm, tiny, a folder or a Hub name (default: the run's model, "
-              "else the adapter's base_model_name_or_path)"),
+    "model": (None, str, "base model: minilm, smollm2, tiny, a folder or a Hub name (default: the run's "
+              "model, else the adapter's base_model_name_or_path)"),
     "data": (None, str, "data: tweets, a .csv/.jsonl/.parquet file or a datasets name (default: the run's)"),
     "task": (None, str, "classification or causal-lm (default: the run's, else from the adapter)"),
     "text_column": (None, str, "text column (default: the run's)"),
     "label_column": (None, str, "label column (default: the run's)"),
     "prompt_column": (None, str, "causal-lm prompt column (default: the run's)"),
     "response_column": (None, str, "causal-lm response column (default: the run's)"),
+    "chat_template": (None, str, "causal-lm: auto (the tokenizer's chat template when it has one) or none "
+                      "(default: the run's, else auto)"),
     "split": ("test", str, "which split of the data to measure on: test, val or train"),
     "max_examples": (64, int, "examples measured (cut to a multiple of --batch-size)"),
     "batch_size": (16, int, "examples per batch"),
@@ -97,6 +99,8 @@ def add_cli_arguments(parser: Any) -> None:
             kwargs["choices"] = ["classification", "causal-lm"]
         if name == "split":
             kwargs["choices"] = ["test", "val", "train"]
+        if name == "chat_template":
+            kwargs["choices"] = ["auto", "none"]
         parser.add_argument(flag, **kwargs)
 
 
@@ -206,9 +210,12 @@ def _load_for_cli(opts: dict[str, Any], adapter: Path, run_cfg: dict[str, Any]):
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
     model.to(device).eval()
-    make = data_lib.classification_batch if task == "classification" else data_lib.causal_lm_batch
+    chat = opts["chat_template"] or run_cfg.get("chat_template", "auto")
     batches = [
-        {k: v.to(device) for k, v in make(tokenizer, examples[i : i + size], max_length).items()}
+        {
+            k: v.to(device)
+            for k, v in data_lib.make_batch(task, tokenizer, examples[i : i + size], max_length, chat).items()
+        }
         for i in range(0, len(examples), size)
     ]
     info = {"model": model_name, "data": data_name, "task": task, "split": opts["split"]}

@@ -130,10 +130,9 @@ class Run:
     precision: Precision
 
     def batch(self, examples: list[data_lib.Example]) -> dict[str, torch.Tensor]:
-        make = (
-            data_lib.classification_batch if self.cfg.task == "classification" else data_lib.causal_lm_batch
-        )
-        return {k: v.to(self.device) for k, v in make(self.tokenizer, examples, self.cfg.max_length).items()}
+        cfg = self.cfg
+        made = data_lib.make_batch(cfg.task, self.tokenizer, examples, cfg.max_length, cfg.chat_template)
+        return {k: v.to(self.device) for k, v in made.items()}
 
 
 def _micro_per_epoch(n: int, batch_size: int) -> int:
@@ -586,6 +585,7 @@ def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> di
         run.tokenizer.save_pretrained(target)
     epoch_steps = max(1, math.ceil(stream.per_epoch / cfg.grad_accum))
     times = history["seconds"][1:] or history["seconds"]
+    samples: dict[str, list] = {}  # a few generated answers per held-out set (causal-LM)
     metrics: dict[str, Any] = {
         "method": cfg.method,
         "method_options": cfg.method_options,
@@ -593,9 +593,7 @@ def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> di
         "steps": run.total_steps,
         "world_size": run.ranks.world,
         "train_loss": sum(history["loss"][-epoch_steps:]) / len(history["loss"][-epoch_steps:]),
-        "test": evaluate(run, run.splits.test),
-        "val": evaluate(run, run.splits.val),
-        "eval": {name: evaluate(run, examples) for name, examples in run.splits.eval_sets.items()},
+        **_held_out(run, samples),
         "seconds_per_step": statistics.median(times),  # robust to a busy machine; first step excluded
         **_peak_memory(run.device),
         "labels": run.splits.labels,
@@ -607,8 +605,25 @@ def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> di
         if sharp is not None:
             metrics["sharpness"] = sharp
     if run.ranks.main:
+        lines = [json.dumps({"set": name, **r}) for name, records in samples.items() for r in records]
+        if lines:
+            (out / "predictions.jsonl").write_text("\n".join(lines) + "\n")
         _write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _held_out(run: Run, samples: dict[str, list]) -> dict[str, Any]:
+    """The ``test``, ``val`` and ``eval`` blocks of ``metrics.json``: every held-out set scored, causal-LM
+    answers generated (a sample of them per set lands in ``samples``)."""
+
+    def score(name: str, examples: list[data_lib.Example]) -> dict[str, float]:
+        return evaluate(run, examples, generate=True, samples=samples.setdefault(name, []))
+
+    return {
+        "test": score("test", run.splits.test),
+        "val": score("val", run.splits.val),
+        "eval": {name: score(name, examples) for name, examples in run.splits.eval_sets.items()},
+    }
 
 
 def _diverged_message(cfg: TrainConfig, out: Path, step: int, what: str) -> str:
