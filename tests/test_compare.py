@@ -168,24 +168,12 @@ def tiny_compare(tmp_path_factory):
     words = {"pos": "good great love", "neg": "bad awful hate", "neu": "car road the"}
     rows = [{"text": words[k], "label": k} for k in ["pos", "neg", "neu"] * 20]
     data = _write(folder / "small.csv", rows)
-    ood = _write(
-        folder / "ood.csv", [{"text": f"{words[k]} x", "label": k} for k in ["pos", "neg", "neu"] * 4]
-    )
-    args = [
-        "compare",
-        "--data",
-        data,
-        "--eval-data",
-        ood,
-        "--model",
-        "tiny",
-        "--max-steps",
-        "6",
-        "--lr",
-        "0.03",
-    ]
-    args += ["--batch-size", "8", "--test-size", "0.3", "--no-progress", "--sharpness-samples", "2"]
-    args += ["--methods", "lora", "flat_lora:sigma=0.05,0.5", "--seeds", "0-2", "--out", str(folder / "cmp")]
+    shifted = {"pos": "neg", "neg": "neu", "neu": "pos"}  # another labelling: scores unlike the test split's
+    ood = _write(folder / "ood.csv", [{"text": words[k], "label": shifted[k]} for k in shifted] * 4)
+    args = ["compare", "--data", data, "--eval-data", ood, "--model", "tiny", "--max-steps", "6"]
+    args += ["--lr", "0.03", "--batch-size", "8", "--test-size", "0.3", "--no-progress"]
+    args += ["--sharpness-samples", "2", "--methods", "lora", "flat_lora:sigma=0.05,0.5", "--seeds", "0-2"]
+    args += ["--out", str(folder / "cmp")]
     mp = pytest.MonkeyPatch()
     mp.setattr(compare, "_launch", lambda f: cli.main(["train", "--config", str(f)]))
     assert cli.main(args) == 0
@@ -304,3 +292,5 @@ def test_sharpness_against_accuracy_is_the_rank_correlation_of_every_run(tiny_co
     per_seed = [statistics.stdev(a - b for a, b in zip(mine[s]["samples"], lora[s]["samples"], strict=True))
                 / math.sqrt(2) for s in seeds]  # fmt: skip
     assert flat["probe_se"] == pytest.approx(math.sqrt(sum(e * e for e in per_seed)) / len(seeds))
+    for s in seeds:  # common noise: the draws of two runs move together, their difference barely
+        assert per_seed[seeds.index(s)] < 0.2 * statistics.stdev(lora[s]["samples"]) / math.sqrt(2)
