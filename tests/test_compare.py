@@ -240,10 +240,8 @@ def test_csv_and_json_carry_the_per_seed_values_of_every_difference(tiny_compare
                     assert value == (run["test"] if block else run["eval"][name])[metric]
                 if row["label"] == ref:
                     continue
-                again, saved = (
-                    paired(from_csv[(ref, name, metric)], values).to_dict(),
-                    row["diff"][name][metric],
-                )
+                again = paired(from_csv[(ref, name, metric)], values).to_dict()
+                saved = dict(row["diff"][name][metric])
                 assert again.pop("diffs") == pytest.approx(saved.pop("diffs"))
                 assert again.pop("seeds") == saved.pop("seeds") == [0, 1, 2]
                 assert again == pytest.approx(saved), (row["label"], name, metric)
@@ -271,11 +269,18 @@ def test_sweep_rows_and_their_chart(tiny_compare):
 def test_sharpness_against_accuracy_is_the_rank_correlation_of_every_run(tiny_compare):
     report = tiny_compare["report"]
     correlation = report["summary"]["correlation"]
-    assert [c["set"] for c in correlation] == ["test", tiny_compare["ood"]]
-    for c in correlation:
+    assert [(c["set"], c["paired"]) for c in correlation] == [
+        ("test", False), ("test", True), (tiny_compare["ood"], False), (tiny_compare["ood"], True)
+    ]  # fmt: skip
+    rows = report["summary"]["rows"]
+    for c in correlation[1::2]:  # Δ sharpness against Δ accuracy, every non-reference row and seed
+        xs = [x for r in rows[1:] for x in r["sharpness_diff"]["diffs"]]
+        ys = [y for r in rows[1:] for y in r["diff"][c["set"]]["accuracy"]["diffs"]]
+        assert c == pytest.approx(spearman(xs, ys) | {"set": c["set"], "metric": "accuracy", "paired": True})
+    for c in correlation[::2]:
         xs = [r["sharpness"]["expected_full"] for r in report["runs"]]
         ys = [(r["test"] if c["set"] == "test" else r["eval"][c["set"]])["accuracy"] for r in report["runs"]]
-        assert c == pytest.approx(spearman(xs, ys) | {"set": c["set"], "metric": "accuracy"})
+        assert c == pytest.approx(spearman(xs, ys) | {"set": c["set"], "metric": "accuracy", "paired": False})
         assert c["n"] == 9
         if c["rho"] is None:  # every run scored the same on this set: no ranks to correlate
             assert len(set(ys)) == 1 and c["set"] != "test"

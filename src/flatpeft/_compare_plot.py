@@ -151,7 +151,7 @@ def _sweeps(plt, path: Path, summary: dict[str, Any], groups: list[str]) -> Path
 
 
 def _scatter(plt, path: Path, summary: dict[str, Any]) -> Path:
-    corr = summary["correlation"]
+    corr = [c for c in summary["correlation"] if not c["paired"]]
     fig, axes = plt.subplots(1, len(corr), figsize=(4.6 * len(corr), 4), squeeze=False)
     for ax, c in zip(axes.flat, corr, strict=True):
         metric, k = c["metric"], _scale(c["metric"])

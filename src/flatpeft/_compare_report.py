@@ -88,7 +88,9 @@ def summarise(
     """Per-seed values, means and paired differences from ``reference`` for every row.
 
     Returns:
-        ``{"task", "reference", "metrics", "sets", "rows", "correlation"}``; each row holds ``seeds``,
+        ``{"task", "reference", "metrics", "sets", "rows", "correlation"}`` (Spearman's ρ of every
+        run's sharpness and main metric per set, and of their paired differences from the
+        reference); each row holds ``seeds``,
         ``values[set][metric]`` (one value or ``None`` per seed), ``stats`` (mean, std),
         ``diff[set][metric]`` (a :class:`~flatpeft._stats.Paired` as a dict, ``None`` for the
         reference row), and with the probe ``sharpness`` and ``sharpness_diff``.
@@ -144,7 +146,18 @@ def summarise(
             pairs = [(r[SHARP]["expected_full"], _block(r, name).get(metrics[0])) for r in probed]
             pairs = [(x, y) for x, y in pairs if y is not None]
             rho = spearman([x for x, _ in pairs], [y for _, y in pairs])
-            correlation.append({"set": name, "metric": metrics[0], **rho})
+            correlation.append({"set": name, "metric": metrics[0], "paired": False, **rho})
+            # The same on the differences from the reference (same seed): the seed's effect removed.
+            pairs = []
+            for row in out_rows:
+                ds, dm = row.get("sharpness_diff"), row["diff"][name].get(metrics[0])
+                if ds and dm:
+                    by_seed = dict(zip(dm["seeds"], dm["diffs"], strict=True))
+                    pairs += [
+                        (x, by_seed[s]) for s, x in zip(ds["seeds"], ds["diffs"], strict=True) if s in by_seed
+                    ]
+            rho = spearman([x for x, _ in pairs], [y for _, y in pairs])
+            correlation.append({"set": name, "metric": metrics[0], "paired": True, **rho})
     return {
         "task": task,
         "reference": reference,
@@ -258,12 +271,14 @@ def markdown(summary: dict[str, Any], base: TrainConfig) -> str:
 
 
 def _correlation_line(c: dict[str, Any]) -> str:
-    where = set_title(c["set"])
+    what = f"sharpness vs {c['metric']} on {set_title(c['set'])}"
+    what = f"Differences from the reference (same seed), {what}" if c["paired"] else what.capitalize()
     if c["rho"] is None:
-        return f"Sharpness vs {c['metric']} on {where}: no rank correlation (constant values or < 2 runs)."
+        return f"{what}: no rank correlation (constant values or < 2 points)."
     interval = f" [{c['low']:+.2f}, {c['high']:+.2f}]" if c["low"] is not None else ""
-    rho = f"Spearman ρ = {c['rho']:+.2f}{interval}"
-    return f"Sharpness vs {c['metric']} on {where}: {rho} over {c['n']} runs."
+    return (
+        f"{what}: Spearman ρ = {c['rho']:+.2f}{interval} over {c['n']} {'pairs' if c['paired'] else 'runs'}."
+    )
 
 
 def _per_seed_table(summary: dict[str, Any]) -> list[str]:
