@@ -3,6 +3,7 @@ the built-in SmolLM2-135M-Instruct (one slow test loads it from its PyPI package
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -167,5 +168,8 @@ def test_smollm2_loads_trains_generates_and_measures(tmp_path, monkeypatch):
     metrics = train_lib.train(opts)
     assert metrics["test"]["n"] == 4 and 0 <= metrics["test"]["exact_match"] <= 1
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
-    assert main(["sharpness", str(out), "--metrics", "expected", "--spaces", "full", "--samples", "1"]) == 0
-    assert "expected" in json.loads((out / "sharpness" / "sharpness.json").read_text())
+    args = ["sharpness", "--adapter", str(out), "--metrics", "expected", "--spaces", "full", "--samples", "1"]
+    assert main(args) == 0
+    report = json.loads((out / "sharpness" / "sharpness.json").read_text())
+    assert report["model"] == "smollm2" and report["n_examples"] == 4
+    assert math.isfinite(report["results"]["expected"]["full"]["value"])
