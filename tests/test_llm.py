@@ -4,6 +4,9 @@ the built-in SmolLM2-135M-Instruct (one slow test loads it from its PyPI package
 import importlib.util
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +176,22 @@ def test_smollm2_loads_trains_generates_and_measures(tmp_path, monkeypatch):
     report = json.loads((out / "sharpness" / "sharpness.json").read_text())
     assert report["model"] == "smollm2" and report["n_examples"] == 4
     assert math.isfinite(report["results"]["expected"]["full"]["value"])
+
+
+def test_zero_shot_script_scores_the_untuned_model(tmp_path):
+    config = tmp_path / "cmp.yaml"
+    config.write_text(
+        "model: tiny\ntask: causal-lm\ndata: tweets\nmethods: [lora, flat_lora]\nseeds: [0, 1]\n"
+        "train_size: 8\nval_size: 0\ntest_size: 5\nmax_length: 256\nmax_new_tokens: 2\n"
+    )
+    out = tmp_path / "zero.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "zero_shot.py"
+    done = subprocess.run([sys.executable, str(script), "--config", str(config), "--out", str(out)])
+    assert done.returncode == 0
+    result = json.loads(out.read_text())
+    assert result["test"]["n"] == 5 and result["methods_compared"] == ["lora", "flat_lora"]
+    untuned, tok = load_model("tiny", "causal-lm", seed=0)  # the base model: LoRA's B starts at zero
+    split = data.load_splits("tweets", task="causal-lm", train_size=8, val_size=0, test_size=5)
+    prompts = [data.prompt_ids(tok, e.text)[-256:] for e in split.test]
+    answers = generate_answers(untuned.eval(), tok, prompts, max_new_tokens=2, batch_size=64)
+    assert [s["prediction"] for s in result["samples"]] == answers
