@@ -188,7 +188,7 @@ def test_compare_tabulates_methods_and_seeds(small_csv, in_tmp, monkeypatch, cap
     assert "flat_lora sigma=0.1: accuracy " in printed and " in-domain" in printed
     if importlib.util.find_spec("flatpeft.sharpness") is not None:
         assert all(r["sharpness"]["n_samples"] == 2 for r in report["runs"])
-        assert "sharpness (full, expected)" in table and "probe SE" in table
+        assert "sharpness ×10⁻³ (full, expected)" in table and "probe SE" in table
 
     # --resume reuses the finished runs; another comparison in the same folder is refused.
     assert cli.main([*args, *sharp, "--resume"]) == 0 and len(launched) == 4

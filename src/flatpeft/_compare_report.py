@@ -177,14 +177,14 @@ def set_title(name: str) -> str:
 
 
 def _scale(metric: str) -> float:
-    return 100.0 if metric in POINTS else 1.0
+    return 100.0 if metric in POINTS else 1e3 if metric == SHARP else 1.0  # sharpness in 10⁻³
 
 
 def _num(x: float | None, metric: str, signed: bool = True) -> str:
     if x is None:
         return "–"
     x *= _scale(metric)
-    spec = ("+" if signed else "") + (".1f" if metric in POINTS else ".3g" if metric == SHARP else ".4f")
+    spec = ("+" if signed else "") + (".1f" if metric in POINTS else ".3f" if metric == SHARP else ".4f")
     return format(x, spec).replace("-", "−")
 
 
@@ -202,8 +202,8 @@ def diff_cell(d: dict[str, Any] | None, metric: str) -> str:
 def _value_cell(stat: dict[str, Any], metric: str) -> str:
     if stat["mean"] is None:
         return "–"
-    spec = ".3g" if metric == SHARP else ".4f"
-    return f"{stat['mean']:{spec}}" + (f" ± {stat['std']:{spec}}" if stat["n"] > 1 else "")
+    k, spec = (1e3, ".3f") if metric == SHARP else (1.0, ".4f")
+    return f"{stat['mean'] * k:{spec}}" + (f" ± {stat['std'] * k:{spec}}" if stat["n"] > 1 else "")
 
 
 def _sharpness_cells(row: dict[str, Any]) -> list[str]:
@@ -212,11 +212,11 @@ def _sharpness_cells(row: dict[str, Any]) -> list[str]:
         return ["–", "–"]
     cell = _value_cell(s, SHARP)
     if s["probe_se"] is not None:
-        cell += f" (probe SE {s['probe_se']:.2g})"
+        cell += f" (probe SE {s['probe_se'] * 1e3:.3f})"
     d = row.get("sharpness_diff")
     text = diff_cell(d, SHARP)
     if d and d["probe_se"] is not None:
-        text += f" (probe SE {d['probe_se']:.2g}{': too noisy' if d['noisy'] else ''})"
+        text += f" (probe SE {d['probe_se'] * 1e3:.3f}{'; too noisy' if d['noisy'] else ''})"
     return [cell, text]
 
 
@@ -234,7 +234,7 @@ def markdown(summary: dict[str, Any], base: TrainConfig) -> str:
         header.append(f"{TITLES.get(main, main)} ({where})")
         header += [f"Δ {TITLES.get(m, m)}{' (pt)' if m in POINTS else ''} ({where})" for m in metrics]
     if probe:
-        header += ["sharpness (full, expected)", "Δ sharpness"]
+        header += ["sharpness ×10⁻³ (full, expected)", "Δ sharpness ×10⁻³"]
     header += ["wall s/step", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -259,8 +259,9 @@ def markdown(summary: dict[str, Any], base: TrainConfig) -> str:
     if probe:
         s = next(r[SHARP] for r in rows if SHARP in r)
         lines.append(
-            f"Sharpness: expected full-space sharpness (σ = {s['sigma']}, {s['n_samples']} antithetic draws, "
-            "the same noise draws for every run of a seed); probe SE = its Monte-Carlo standard error "
+            f"Sharpness: expected full-space sharpness (σ = {s['sigma']}, {s['n_samples']} antithetic "
+            "draws, the same noise draws for every run), in units of 10⁻³; probe SE = its Monte-Carlo "
+            "standard error "
             f"(of the mean over seeds; of the paired difference for Δ); 'too noisy' when the probe SE is "
             f"above 1/{NOISY} of the difference."
         )
@@ -321,7 +322,7 @@ def console_lines(summary: dict[str, Any]) -> list[str]:
         d = row.get("sharpness_diff")
         if d:
             noisy = " (probe too noisy to tell)" if d["noisy"] else ""
-            parts.append(f"sharpness {_num(d['mean'], SHARP)}{noisy}")
+            parts.append(f"sharpness {_num(d['mean'], SHARP)}e-3{noisy}")
         n = row["n"]
         lines.append(
             f"{row['label']}: {TITLES.get(main, main)} " + ", ".join(parts) + f" vs {summary['reference']}"
