@@ -54,9 +54,11 @@ def main() -> None:
         if rank == 0 and step % 10 == 0:
             print(f"step {step:3d}  loss {loss.item():.3f}")
 
-    method.detach()
+    method.detach()  # back to a vanilla PeftModel; the method lets go of the DDP wrapper
     if rank == 0:
         model.save_pretrained(args.out)
+    ddp = None  # free DDP while the process group is up (freed after it is destroyed, gloo can hang)
+    dist.barrier()  # no rank tears the process group down while another still uses it
     dist.destroy_process_group()
 
 

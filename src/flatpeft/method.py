@@ -157,12 +157,14 @@ class Method:
         self.step += 1
 
     def detach(self) -> nn.Module:
-        """Remove every hook and auxiliary piece; return the vanilla PEFT model."""
+        """Remove every hook and auxiliary piece and let go of the DDP wrapper (so a loop can free it
+        before destroying the process group); return the vanilla PEFT model."""
         if self._attached:
             for handle in self._hooks.values():
                 handle.remove()
             self._hooks.clear()
             self._teardown()
+            self.wrapper = None
             if getattr(self.model, _ATTR, None) is self:
                 object.__delattr__(self.model, _ATTR)
             self._attached = False
