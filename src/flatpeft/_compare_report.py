@@ -185,7 +185,10 @@ def _num(x: float | None, metric: str, signed: bool = True) -> str:
         return "–"
     x *= _scale(metric)
     spec = ("+" if signed else "") + (".1f" if metric in POINTS else ".3f" if metric == SHARP else ".4f")
-    return format(x, spec).replace("-", "−")
+    text = format(x, spec)
+    if float(text) == 0:  # no "−0.0"
+        text = text.replace("-", "+")
+    return text.replace("-", "−")
 
 
 def diff_cell(d: dict[str, Any] | None, metric: str) -> str:
@@ -322,7 +325,7 @@ def console_lines(summary: dict[str, Any]) -> list[str]:
         d = row.get("sharpness_diff")
         if d:
             noisy = " (probe too noisy to tell)" if d["noisy"] else ""
-            parts.append(f"sharpness {_num(d['mean'], SHARP)}e-3{noisy}")
+            parts.append(f"sharpness {_num(d['mean'], SHARP)} (×10⁻³){noisy}")
         n = row["n"]
         lines.append(
             f"{row['label']}: {TITLES.get(main, main)} " + ", ".join(parts) + f" vs {summary['reference']}"
