@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,18 @@ def smollm2_path() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with tempfile.TemporaryDirectory(prefix=f".{folder.name}-", dir=folder.parent) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, folder)  # atomic; TemporaryDirectory then finds nothing to remove
-        except OSError:
-            if not (folder / "config.json").is_file():  # not another process that finished first
-                raise
+    tmp = tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
+    try:
+        os.chmod(tmp, 0o755)  # a cache folder like any other (mkdtemp makes it private)
+        with _quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic
+    except OSError:
+        if not (folder / "config.json").is_file():  # not another process that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
