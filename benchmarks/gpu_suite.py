@@ -120,12 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="CPU, llama-tiny shapes, seconds")
     parser.add_argument("--budget-s", type=float, default=420.0)
     parser.add_argument("--tflops", type=float, default=400.0, help="assumed bf16 throughput for the plan")
-    parser.add_argument("--exactness-steps", type=int, default=8)
+    parser.add_argument("--exactness-steps", type=int, default=None, help="default 8 (--smoke: 3)")
     parser.add_argument("--only", nargs="*", help="run only these measurements (by name)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or pass --smoke for the CPU check")
     device = "cpu" if args.smoke else "cuda"
+    if args.exactness_steps is None:
+        args.exactness_steps = 3 if args.smoke else 8
     started = time.monotonic()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     specs = [*flatpeft.list_methods(), *overhead.VARIANTS]
