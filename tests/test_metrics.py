@@ -5,10 +5,8 @@ blocks of ``metrics.json`` recomputed from the saved adapter."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
-import random
 from types import SimpleNamespace
 
 import peft
@@ -19,6 +17,7 @@ from flatpeft import train as train_lib
 from flatpeft._evaluate import evaluate, macro_f1
 from flatpeft.data import Example, load_examples, load_splits
 from flatpeft.models import load_model
+from test_train import make_csv  # the 3-class word CSV of the train tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,21 +105,6 @@ def test_causal_lm_loss_token_accuracy_and_perplexity_of_known_logits():
     assert out["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-6)
 
 
-WORDS = {"pos": ["good", "great", "love", "nice"], "neg": ["bad", "awful", "hate", "poor"]}
-WORDS["neu"] = ["car", "road", "today", "the"]
-
-
-def _csv(path, n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        for i in range(n):
-            label = ["pos", "neg", "neu"][i % 3]
-            writer.writerow([" ".join(rng.choice(WORDS[label]) for _ in range(4)), label])
-    return str(path)
-
-
 def _scores(model, tokenizer, examples: list[Example]) -> dict[str, float]:
     """Loss, accuracy and macro-F1 of the loaded adapter, counted here from the logits."""
     batch = tokenizer([e.text for e in examples], padding=True, return_tensors="pt")
@@ -142,7 +126,7 @@ def _scores(model, tokenizer, examples: list[Example]) -> dict[str, float]:
 
 
 def test_val_and_eval_data_blocks_of_metrics_json_hold_the_saved_adapters_numbers(tmp_path):
-    data, extra = _csv(tmp_path / "data.csv", 90, 0), _csv(tmp_path / "extra.csv", 21, 7)
+    data, extra = make_csv(tmp_path / "data.csv", 90, 0), make_csv(tmp_path / "extra.csv", 21, 7)
     out = tmp_path / "run"
     options = {"model": "tiny", "data": data, "out": str(out), "max_steps": 6, "batch_size": 8,
                "lr": 0.05, "rank": 4, "val_size": 0.2, "eval_data": [extra], "checkpoint_every": 0,
