@@ -9,7 +9,6 @@ import sys
 from collections import Counter
 
 import pytest
-import torch
 
 from flatpeft import data
 from flatpeft.data import DataError, Example, load_examples, load_splits, stratified_split
