@@ -81,7 +81,7 @@ def _differences(plt, path: Path, summary: dict[str, Any]) -> Path:
             if not d:
                 continue
             lo, hi = (d["low"], d["high"]) if d["low"] is not None else (d["mean"], d["mean"])
-            color = "tab:blue" if d["marker"] == 0 else ("tab:green" if d["marker"] > 0 else "tab:red")
+            color = "tab:orange" if d["marker"] else "tab:blue"  # orange: the interval excludes zero
             ax.errorbar(d["mean"] * k, y, xerr=[[(d["mean"] - lo) * k], [(hi - d["mean"]) * k]],
                         fmt="o", color=color, capsize=3)  # fmt: skip
             ax.scatter([x * k for x in d["diffs"]], [y + 0.18] * len(d["diffs"]), s=8, color="gray")
@@ -92,7 +92,8 @@ def _differences(plt, path: Path, summary: dict[str, Any]) -> Path:
         ax.set_title(f"{set_title(name)}: {TITLES.get(metric, metric)}", fontsize=10)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle("paired difference per seed (gray) and mean with 95 % t-interval", fontsize=10)
+    title = "paired difference per seed (gray), mean with 95 % t-interval (orange: excludes zero)"
+    fig.suptitle(title, fontsize=10)
     return _save(plt, fig, path)
 
 
