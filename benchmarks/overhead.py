@@ -237,8 +237,9 @@ def time_methods(args, runs: dict, resident: dict, base_mb: float, rounds: int, 
     }
 
 
-def profile_step(args, run, passes: int, device: torch.device, top: int = 12) -> dict:
-    """The operators of one optimizer step by self time (device time on CUDA, CPU time on CPU)."""
+def profile_step(args, run, passes: int, device: torch.device, top: int = 16) -> dict:
+    """The operators of one optimizer step by self time (device time on CUDA, CPU time on CPU): the
+    ``top`` costliest, and the random-number operators (Flat-LoRA's draws) wherever they rank."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -254,7 +255,11 @@ def profile_step(args, run, passes: int, device: torch.device, top: int = 12) ->
         "time": f"self {kind} time, ms",
         "total_ms": sum(e[2] for e in events),
         "top": [{"op": k, "calls": n, "self_ms": ms} for k, n, ms in events[:top]],
+        "random": [{"op": k, "calls": n, "self_ms": ms} for k, n, ms in events if _RANDOM in k],
     }
+
+
+_RANDOM = "normal"  # aten::normal_ (randn) and the CUDA normal kernels
 
 
 def _vm_hwm_mib() -> float | None:

@@ -64,7 +64,8 @@ def markdown_table(report: dict) -> str:
     for spec, prof in report.get("profile", {}).items():
         lines += ["", f"Profile of one `{spec}` step ({prof['time']}, total {prof['total_ms']:.1f}):", ""]
         lines += ["| operator | calls | ms |", "|---|---:|---:|"]
-        lines += [f"| `{e['op']}` | {e['calls']} | {e['self_ms']:.1f} |" for e in prof["top"]]
+        shown = prof["top"] + [e for e in prof.get("random", []) if e not in prof["top"]]
+        lines += [f"| `{e['op']}` | {e['calls']} | {e['self_ms']:.1f} |" for e in shown]
     return "\n".join(lines)
 
 
