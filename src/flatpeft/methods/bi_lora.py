@@ -23,8 +23,8 @@ weights so a resumed run continues the same ascent.
 Cost: inside ``backward`` every plain LoRA Linear layer runs primary and auxiliary as ONE branch of
 rank r1 + r2 (A = [A1; A2], B = [s1·B1, s2·B2]; ``_peft.fused_adapters``), the same function and
 gradients as PEFT's two-adapter forward. Run as two adapters, the extra skinny rank-r2 matmuls and the
-extra output-sized scale-and-add cost ≈ 1.2–1.3× a LoRA step on CPU; fused, the pass costs about a LoRA
-step (the scaling is folded into the small B instead of multiplying an output-sized tensor). DoRA
+extra output-sized scale-and-add cost 1.73× a LoRA layer pass on CPU; fused, 1.00× (one 384 → 1536
+layer, ``benchmarks/results/bi-lora-layer-cpu.json``): the scaling is folded into the small B. DoRA
 layers keep PEFT's forward.
 
 Pitfalls handled here:
