@@ -31,7 +31,7 @@ def evaluate(
     Args:
         generate: Causal-LM with ``max_new_tokens`` > 0: also answer each prompt greedily and report
             ``exact_match``, the fraction of answers equal to the response after normalisation.
-        samples: A list that receives the first :data:`SAMPLES` answers as
+        samples: A list that receives :data:`SAMPLES` answers spread over the set as
             ``{"prompt", "response", "prediction", "correct"}`` records.
     """
     if not examples:
@@ -90,10 +90,12 @@ def _exact_match(run: Run, examples: list[data_lib.Example], samples: list | Non
             synced_gpus=run.cfg.fsdp and run.ranks.world > 1,
         )
     hits = [exact_match(a, e.response) for a, e in zip(answers, examples, strict=True)]
-    if samples is not None:
+    if samples is not None:  # spread over the set (a split may be ordered by class)
+        picked = sorted({i * len(examples) // SAMPLES for i in range(SAMPLES)})
         samples += [
-            {"prompt": e.text, "response": e.response, "prediction": a, "correct": hit}
-            for e, a, hit in list(zip(examples, answers, hits, strict=True))[:SAMPLES]
+            {"prompt": examples[i].text, "response": examples[i].response, "prediction": answers[i]}
+            | {"correct": hits[i]}
+            for i in picked
         ]
     return sum(hits) / len(hits)
 
