@@ -46,6 +46,14 @@ def test_paired_difference_mean_interval_and_marker_on_hand_set_seeds():
     assert (mixed.wins, mixed.losses) == (2, 1) and mixed.sign_p == 1.0
     worse = paired({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0.9, 1: 0.92, 2: 0.91})
     assert worse.marker == -1 and worse.high < 0
+    # One tweet lost on each of two seeds (the float differences agree to rounding): an interval of no
+    # width, and too few seeds to mark anything; three equal differences are not marked either.
+    two = paired({0: 0.3875, 1: 0.5125}, {0: 0.375, 1: 0.5})
+    assert two.mean == pytest.approx(-0.0125) and two.high < 0 and two.marker == 0
+    spread_two = paired({0: 1.0, 1: 1.0}, {0: 0.9, 1: 0.91})
+    assert spread_two.high < 0 and spread_two.marker == 0  # two seeds: never marked
+    same = paired({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4875, 1: 0.5875, 2: 0.6875})
+    assert same.marker == 0 and same.losses == 3
     single = paired({0: 1.0}, {0: 1.5})
     assert single.mean == 0.5 and single.low is None and single.marker == 0
     assert paired({0: 1.0}, {1: 1.0}) is None

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._stats import paired, spearman
+from ._stats import MIN_MARKED, paired, spearman
 
 if TYPE_CHECKING:
     from .compare import Row
@@ -255,7 +255,8 @@ def markdown(summary: dict[str, Any], base: TrainConfig) -> str:
         "",
         f"Model {base.model}, data {base.data} ({n_train}); every run on the same split. Δ = method − {ref}"
         " on the same seeds, mean [95 % t-interval] over seeds; **bold** when the interval excludes "
-        "zero; fractions in points (pt). The first value column is the mean ± std over seeds.",
+        f"zero (with at least {MIN_MARKED} seeds whose differences vary); fractions in points (pt). "
+        "The first value column is the mean ± std over seeds.",
         "wall s/step: the median wall time of each run's steps, run one after another (not interleaved: "
         "not an overhead measurement).",
     ]

@@ -73,8 +73,8 @@ class Paired:
         mean: Mean of ``diffs``.
         low, high: Its two-sided ``level`` t-interval (``None`` with fewer than two seeds).
         level: Confidence level of the interval.
-        marker: ``+1`` / ``-1`` when the interval lies above / below zero, ``0`` when it holds zero
-            (or there is no interval).
+        marker: ``+1`` / ``-1`` when the interval lies above / below zero, ``0`` when it holds zero,
+            or with fewer than :data:`MIN_MARKED` seeds, or differences all equal (no spread).
         wins, losses: Seeds where the difference is positive / negative.
         sign_p: Exact two-sided sign-test p-value of ``wins`` against ``losses``.
     """
@@ -93,6 +93,11 @@ class Paired:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
         return asdict(self)
+
+
+#: Fewest paired seeds whose interval is marked: two seeds' t-interval rests on one degree of freedom,
+#: and equal differences (one example either way on every seed) give an interval of no width.
+MIN_MARKED = 3
 
 
 def paired(reference: dict[int, float], other: dict[int, float], level: float = 0.95) -> Paired | None:
@@ -115,7 +120,9 @@ def paired(reference: dict[int, float], other: dict[int, float], level: float = 
     if len(diffs) > 1:
         half = t_quantile((1 + level) / 2, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
         low, high = mean - half, mean + half
-        marker = 1 if low > 0 else -1 if high < 0 else 0
+        spread = statistics.stdev(diffs) > 1e-9 * max(1.0, abs(mean))  # not equal up to rounding
+        if len(diffs) >= MIN_MARKED and spread:
+            marker = 1 if low > 0 else -1 if high < 0 else 0
     wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     return Paired(seeds, diffs, mean, low, high, level, marker, wins, losses, sign_test(wins, losses))
 
