@@ -39,6 +39,7 @@ from .weights import (
     effective_rows,
     geometry,
     patched_base_forward,
+    row_norms,
 )
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "prune_saved_adapters",
     "rank_factors",
     "remove_aux_adapter",
+    "row_norms",
     "scaling",
     "unwrap_model",
 ]

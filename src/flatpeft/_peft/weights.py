@@ -153,6 +153,12 @@ def base_rows(layer: nn.Module, geo: Geometry) -> torch.Tensor:
 
 
 @torch.no_grad()
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row, accumulated in fp32 (fp64 for an fp64 tensor), returned in fp32."""
+    wide = torch.promote_types(rows.dtype, torch.float32)  # never narrowed: fp64 rows stay exact
+    return torch.linalg.vector_norm(rows, dim=1, dtype=wide).float()
+
+
 def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tensor:
     """‖W'_i‖₂ for every row of W' = W0 + s·B·A, in fp32, without forming W'.
 
@@ -167,8 +173,7 @@ def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str) -> torch.
     b = layer.lora_B[adapter].weight.float()
     a = layer.lora_A[adapter].weight.float()
     w0 = base_rows(layer, geo)
-    base_sq = torch.linalg.vector_norm(w0, dim=1, dtype=torch.promote_types(w0.dtype, torch.float32))
-    base_sq = base_sq.float().square_()
+    base_sq = row_norms(w0).square_()
     cross = ((w0 @ a.t().to(w0.dtype)).float() * b).sum(1)
     quad = ((b @ (a @ a.t())) * b).sum(1)
     return (base_sq + 2 * s * cross + s * s * quad).clamp_min_(0).sqrt_()

@@ -180,8 +180,7 @@ class FlatLoRA(Method):
         def make(p: torch.Tensor) -> torch.Tensor:
             rows = p.detach().reshape(p.shape[0], -1)
             n = rows.shape[1]
-            std = torch.linalg.vector_norm(rows, dim=1, dtype=torch.promote_types(rows.dtype, torch.float32))
-            std = std.float().mul_(sigma / math.sqrt(n))
+            std = _peft.row_norms(rows).mul_(sigma / math.sqrt(n))
             return p + filter_noise(std, n, seed).reshape(p.shape).to(p.dtype)
 
         return make
