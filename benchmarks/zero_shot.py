@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="a compare or train config file (YAML/JSON)")
     parser.add_argument("--out", help="write the metrics here as JSON")
     args = parser.parse_args(argv)
-    options = {k: v for k, v in load_config_file(args.config).items() if k in RUN_KEYS}
-    methods = load_config_file(args.config).get("methods") or ["lora"]
+    given = load_config_file(args.config)
+    options = {k: v for k, v in given.items() if k in RUN_KEYS}
+    methods = given.get("methods") or ["lora"]
     options |= {"method": "lora", "seed": 0, "out": None, "progress": False}
     cfg = TrainConfig.from_dict(options)
     run = train_lib.prepare(cfg)
