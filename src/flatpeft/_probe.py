@@ -6,7 +6,6 @@ functional full-space perturbations that never write frozen weights), the clean-
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _peft
+from . import _peft, _strict_json
 from .method import _ATTR as _METHOD_ATTR
 from .perturb import filter_noise, mix_seed, restore_, snapshot
 
@@ -27,19 +26,9 @@ Space = Literal["full", "lora"]
 _EXPECTED, _WORST, _EIGEN, _TRACE, _LANDSCAPE = 1, 2, 3, 4, 5
 
 
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats (a loss that overflowed far out on a landscape) become ``null``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _dump(data: dict[str, Any], path: str | Path | None) -> str:
-    text = json.dumps(_json_safe(data), indent=2, allow_nan=False)
+    # Non-finite floats (a loss that overflowed far out on a landscape) become ``null``.
+    text = _strict_json.dumps(data, indent=2)
     if path is not None:
         Path(path).write_text(text + "\n")
     return text

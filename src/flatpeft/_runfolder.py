@@ -1,10 +1,21 @@
 """The run folder of ``flatpeft train``: its metadata, checkpoints (``checkpoints/step-<n>/``) and
-their loading. Moved out of :mod:`flatpeft.train`, which keeps the loop."""
+their loading, and the rules that keep it trustworthy (SPEC §6):
+
+- one writer: the run holds an exclusive ``fcntl.flock`` on ``<out>/.lock`` for its whole life (rank 0
+  under torchrun; the OS releases it when the process dies), and a second writer gets a clear error;
+- checkpoints load with ``torch.load(weights_only=True)``: a ``state.pt`` that holds anything but
+  tensors and plain containers is refused, naming the file, and nothing in it runs;
+- ``--resume`` checks the data: the split fingerprint recorded in ``config.json`` must match the data
+  read now, else the run is refused, naming the data;
+- a local ``--data`` path is recorded absolute, so a run resumes from any working directory;
+- JSON is strict and written atomically (:mod:`flatpeft._strict_json`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import shutil
 import subprocess
@@ -14,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import _scale
+from ._filelock import FileLock
+from ._strict_json import write_json
 from ._train_config import ConfigError
 
 if TYPE_CHECKING:
@@ -52,9 +65,7 @@ def _git_revision() -> str | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -105,7 +116,7 @@ def _save_checkpoint(run: Run, out: Path, step: int, rng: dict[str, Any], histor
 
 
 def _load_checkpoint(run: Run, path: Path) -> tuple[int, dict[str, list]]:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    state = load_state(path / "state.pt")
     world = state.get("world_size", 1)
     if world != run.ranks.world:
         raise ConfigError(
@@ -121,3 +132,93 @@ def _load_checkpoint(run: Run, path: Path) -> tuple[int, dict[str, list]]:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"]), state["history"]
+
+
+def load_state(file: str | Path) -> Any:
+    """``torch.load(file, weights_only=True)`` on the CPU: tensors, numbers, strings and containers only.
+
+    Raises:
+        ConfigError: ``file`` holds anything else (a pickled object, which is not run) or is not a
+            readable PyTorch file; the message names it.
+    """
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{file} is not a flatpeft checkpoint that loads safely (weights_only=True refused it: {first}); "
+            "it was not loaded. Use a checkpoint flatpeft wrote, or start a new --out"
+        ) from e
+
+
+def absolute_data(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a ``data`` that names a local file or folder made absolute (a Hub name or
+    ``tweets`` stays as it is), so that the run folder records where the data is, whatever the cwd."""
+    data = options.get("data")
+    if isinstance(data, str) and data and Path(data).expanduser().exists():
+        return {**options, "data": str(Path(data).expanduser().resolve())}
+    return options
+
+
+class RunLock:
+    """The exclusive claim on a run folder: a :class:`~flatpeft._filelock.FileLock` on
+    ``<folder>/.lock``, held until :meth:`release` or until the process dies."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._lock = FileLock(self.folder / self.NAME)
+
+    def acquire(self) -> None:
+        """Claim the folder (creating it).
+
+        Raises:
+            ConfigError: another process holds it.
+        """
+        if not self._lock.acquire(blocking=False):
+            raise ConfigError(
+                f"{self.folder} is in use by another flatpeft process (pid {self._lock.holder()}); wait "
+                "for it to finish or stop it, or use another --out"
+            )
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def claim(lock: RunLock, out: Path, ranks: Any, resume: bool, data: str, fingerprint: str) -> None:
+    """Rank 0 takes ``lock`` on ``out`` and checks the folder: a new run finds no ``config.json`` (another
+    run did not start there meanwhile), a resumed one finds its recorded split fingerprint equal to
+    ``fingerprint``. Every rank raises the same error.
+
+    Raises:
+        ConfigError: the folder is in use, holds another run, or the data changed since it started.
+    """
+    problem = None
+    if ranks.main:
+        try:
+            lock.acquire()
+            _check_folder(out, resume, data, fingerprint)
+        except ConfigError as e:
+            lock.release()
+            problem = str(e)
+    problem = ranks.broadcast(problem)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _check_folder(out: Path, resume: bool, data: str, fingerprint: str) -> None:
+    config = out / "config.json"
+    if not resume:
+        if config.exists():
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or another --out")
+        return
+    try:
+        recorded = json.loads(config.read_text())["data"].get("fingerprint")
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise ConfigError(f"--resume: cannot read {config} ({e}); start a new --out") from e
+    if recorded and recorded != fingerprint:
+        raise ConfigError(
+            f"--resume: the data {data} changed since {out} started (split fingerprint {fingerprint}, "
+            f"recorded {recorded}); nothing was changed. Restore the data, or train on it in a new --out"
+        )

@@ -81,7 +81,7 @@ class TrainConfig:
     eval_batch_size: int = _opt(64, "examples per evaluation batch")
     eval_every: int = _opt(0, "evaluate on the validation split every N steps (0: at the end only)")
     log_every: int = _opt(10, "write the training loss to log.jsonl every N steps")
-    checkpoint_every: int = _opt(100, "write a checkpoint every N steps (0: only on Ctrl-C)")
+    checkpoint_every: int = _opt(100, "checkpoint every N steps (0: only after the last and on a stop)")
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
     sharpness_samples: int = _opt(0, "noise samples for the expected full-space sharpness (0: off)")
     sharpness_sigma: float = _opt(0.05, "relative noise std of the sharpness measurement")

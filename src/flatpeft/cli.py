@@ -277,11 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``flatpeft`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
-    Bad input prints one ``error:`` line and returns 2; a diverged run returns 1; Ctrl-C returns 130.
-    Set ``FLATPEFT_DEBUG=1`` to get tracebacks instead.
+    Bad input prints one ``error:`` line and returns 2; a diverged run returns 1; a run stopped by
+    Ctrl-C returns 130, by SIGTERM 143 (128 + the signal). Set ``FLATPEFT_DEBUG=1`` to get tracebacks
+    instead (see :func:`debug_enabled`).
     """
     args = build_parser().parse_args(argv)
-    if os.environ.get("FLATPEFT_DEBUG"):
+    if debug_enabled():
         return args.handler(args)
     try:
         return args.handler(args)
@@ -293,7 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (train_lib.Interrupted, KeyboardInterrupt) as e:
         print(f"flatpeft {args.command}: interrupted. {e}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
+
+
+def debug_enabled() -> bool:
+    """Whether ``FLATPEFT_DEBUG`` asks for tracebacks: ``1``, ``true``, ``yes`` or ``on`` (any case);
+    unset, empty, ``0``, ``false``, ``no`` and ``off`` do not. The one place that reads the variable."""
+    return os.environ.get("FLATPEFT_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def run() -> None:

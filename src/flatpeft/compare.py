@@ -14,10 +14,12 @@ written as ``compare.md``, ``compare.csv``, ``compare.json`` and ``compare*.png`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -25,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _compare_plot, _compare_report
+from . import _compare_plot, _compare_report, _runfolder
 from . import data as data_lib
 from . import models as model_lib
 from . import train as train_lib
+from ._strict_json import dumps, write_json
 from .registry import list_methods
 
 __all__ = ["Row", "compare", "expand_specs", "parse_seeds", "run_compare"]
@@ -62,8 +65,15 @@ def label_of(spec: str) -> str:
 
 
 def folder_name(row: Row, seed: int) -> str:
-    """The run folder of ``row`` and ``seed`` under ``<out>/runs``."""
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", row.label).replace("=", "") + f"-seed{seed}"
+    """The run folder of ``row`` and ``seed`` under ``<out>/runs``: the label made file-name safe
+    (``flat_lora sigma=0.1`` -> ``flat_lora-sigma0.1-seed0``). A label with other characters than
+    letters, digits, ``_``, ``.``, spaces and ``=`` (``lr=1e-3`` and ``lr=1e+3`` would both become
+    ``lr1e-3``) also gets the first 8 hex digits of its SHA-256, so distinct labels get distinct
+    folders; :func:`compare` still refuses two rows that share a folder."""
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "-", row.label).replace("=", "")
+    if re.search(r"[^A-Za-z0-9_. =]", row.label):
+        name += "-" + hashlib.sha256(row.label.encode()).hexdigest()[:8]
+    return name + f"-seed{seed}"
 
 
 def expand_specs(specs: Sequence[str]) -> list[Row]:
@@ -163,6 +173,7 @@ def compare(
     resume: bool = False,
     nproc: int = 1,
     reference: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train every method spec (sweeps expanded) with every seed on the same split, then summarise.
 
@@ -180,6 +191,8 @@ def compare(
         nproc: Processes per run.
         reference: Label or spec of the reference row (default: ``lora`` when it is a row, else the
             first row).
+        overwrite: Delete an earlier comparison in ``out`` once everything is checked (not with
+            ``resume``; a folder that is not a comparison is never deleted).
 
     Returns:
         The report written to ``compare.json``, plus ``table`` (Markdown) and ``lines`` (one plain
@@ -191,7 +204,9 @@ def compare(
     """
     from . import _scale
 
-    options = DEFAULTS | {k: v for k, v in options.items() if k not in SKIP}
+    if overwrite and resume:
+        raise ValueError("--overwrite deletes the runs that --resume would reuse: pass one of them")
+    options = _runfolder.absolute_data(DEFAULTS | {k: v for k, v in options.items() if k not in SKIP})
     base = train_lib.TrainConfig.from_dict(options)
     rows, seeds = expand_specs(methods), parse_seeds(seeds)
     if not rows or not seeds:
@@ -206,6 +221,7 @@ def compare(
             cfg = train_lib.apply_method_spec(dataclasses.replace(base, seed=seed), row.spec)
             train_lib._method_config(cfg, 1)  # validates the method options
             plan.append((row, seed, cfg))
+    _check_folder_names(rows, seeds[0])
     model_lib.resolve_model(base.model, base.task)
     splits = data_lib.load_splits(  # validates the data and the split once, for every run
         base.data, task=base.task, text_column=base.text_column, label_column=base.label_column,
@@ -216,6 +232,10 @@ def compare(
     record: dict[str, Any] = {"options": options, "methods": list(methods), "seeds": seeds}
     if nproc > 1:
         record["nproc"] = nproc
+    if overwrite and root.is_dir():  # only now, after every check
+        if not (root / MARKER).is_file():
+            raise ValueError(f"--overwrite: {out} is not a flatpeft comparison folder; remove it yourself")
+        shutil.rmtree(root)
     if root.exists() and any(root.iterdir()):
         if not resume:
             raise ValueError(
@@ -223,30 +243,38 @@ def compare(
             )
         marker = root / MARKER
         saved = json.loads(marker.read_text()) if marker.is_file() else None
-        same = {k: v for k, v in json.loads(json.dumps(record)).items() if k not in ("methods", "seeds")}
+        same = {k: v for k, v in json.loads(dumps(record)).items() if k not in ("methods", "seeds")}
         if saved is None or {k: v for k, v in saved.items() if k not in ("methods", "seeds")} != same:
             raise ValueError(f"--resume: {root} holds a comparison with other run options; use another --out")
-        for row, seed, _ in plan:
+        for row, seed, cfg in plan:
             if (root / "runs" / folder_name(row, seed) / "metrics.json").is_file():
                 _check_split(root / "runs" / folder_name(row, seed), splits.fingerprint)
+                _check_run(root / "runs" / folder_name(row, seed), cfg)
     (root / "runs").mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(root / MARKER, record)
 
     results, failed = [], []
     for i, (row, seed, cfg) in enumerate(plan, 1):
         folder = root / "runs" / folder_name(row, seed)
         metrics_file = folder / "metrics.json"
         if not metrics_file.is_file():
-            started = folder.is_dir() and any(folder.iterdir())
+            started = (folder / "config.json").is_file()  # a run that started and stopped
             run_config = cfg.to_dict() | {"out": str(folder), "resume": started}
             config_file = root / "runs" / f"{folder.name}.json"
-            config_file.write_text(json.dumps(run_config, indent=2) + "\n")
+            write_json(config_file, run_config)
             print(f"[{i}/{len(plan)}] {row.label}, seed {seed}", file=sys.stderr, flush=True)
             code = _launch(config_file) if nproc == 1 else _launch_torchrun(config_file, nproc)
+            if code in _STOPPED:  # Ctrl-C / SIGTERM: the run checkpointed and stopped; so does compare
+                raise train_lib.Interrupted(
+                    f"{row.label} seed {seed} stopped with a checkpoint in {folder}; continue the "
+                    f"comparison with --resume --out {out}",
+                    code - 128,
+                )
             if code != 0 or not metrics_file.is_file():
                 failed.append(f"{row.label} seed {seed}")
                 continue
             _check_split(folder, splits.fingerprint)
+        _check_run(folder, cfg)
         metrics = json.loads(metrics_file.read_text())
         results.append({"label": row.label, "seed": seed, "dir": str(folder), **metrics})
     summary = _compare_report.summarise(results, rows, base.task, ref.label)
@@ -259,7 +287,7 @@ def compare(
         "failed": failed,
         "versions": train_lib._versions(),
     }
-    (root / "compare.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(root / "compare.json", report)
     table = _compare_report.markdown(summary, base)
     (root / "compare.md").write_text(table + "\n")
     _compare_report.write_csv(root / "compare.csv", summary)
@@ -280,17 +308,81 @@ def _reference_row(rows: list[Row], reference: str | None) -> Row:
     return found
 
 
+def _check_folder_names(rows: list[Row], seed: int) -> None:
+    """Refuse two rows whose runs would share a folder (see :func:`folder_name`)."""
+    seen: dict[str, Row] = {}
+    for row in rows:
+        other = seen.setdefault(folder_name(row, seed), row)
+        if other is not row:
+            raise ValueError(
+                f"--methods {other.spec!r} and {row.spec!r} would share the run folder "
+                f"{folder_name(row, seed)!r}; write one of them differently"
+            )
+
+
+def _check_run(folder: Path, cfg: train_lib.TrainConfig) -> None:
+    """Refuse a finished run folder that trained another method or options than its row asks for."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{folder} holds no readable config.json ({e}); delete that run folder") from e
+    wanted = cfg.to_dict()
+    if any(saved.get(k) != wanted[k] for k in ("method", "method_options", "seed")):
+        raise ValueError(
+            f"{folder} holds a run of {saved.get('method')} {saved.get('method_options')} seed "
+            f"{saved.get('seed')}, not {wanted['method']} {wanted['method_options']} seed {wanted['seed']}; "
+            "delete that run folder or use another --out"
+        )
+
+
+#: the signals compare passes on to a run, and the exit codes of a run they stopped (128 + signal)
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+_STOPPED = {128 + int(s) for s in _STOP_SIGNALS}
+
+
 def _launch(config_file: Path) -> int:
     """Run ``flatpeft train --config <file>`` in a fresh process (its own peak memory); the exit code."""
-    return subprocess.run(
-        [sys.executable, "-m", "flatpeft", "train", "--config", str(config_file)]
-    ).returncode
+    return _run_child([sys.executable, "-m", "flatpeft", "train", "--config", str(config_file)])
 
 
 def _launch_torchrun(config_file: Path, nproc: int) -> int:
     """Run ``torchrun --standalone --nproc_per_node <nproc> -m flatpeft train --config <file>``."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return subprocess.run([*launcher, "-m", "flatpeft", "train", "--config", str(config_file)]).returncode
+    return _run_child([*launcher, "-m", "flatpeft", "train", "--config", str(config_file)])
+
+
+def _run_child(argv: list[str]) -> int:
+    """Run ``argv`` to its end, passing Ctrl-C and SIGTERM on to it; its exit code, or 128 + the
+    signal when one was passed on (or killed it).
+
+    The child runs in its own session, so the terminal's Ctrl-C reaches compare only, which sends it
+    on exactly once (a second Ctrl-C sends a second one: the child then stops at once). The child
+    finishes its step and writes a checkpoint (torchrun hands the signal to its workers); compare
+    waits for it instead of killing it as ``subprocess.run`` does 0.25 s after a Ctrl-C.
+    """
+    import threading
+
+    child = subprocess.Popen(argv, start_new_session=True)
+    forwarded: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def forward(signum, frame):
+            forwarded.append(signum)
+            child.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in _STOP_SIGNALS}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:  # compare itself failed: do not leave the child running
+            child.kill()
+            child.wait()
+    if forwarded:
+        return 128 + forwarded[0]
+    return 128 - code if code < 0 else code
 
 
 def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
@@ -311,11 +403,16 @@ def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
     resume = bool(options.pop("resume", False))
     if isinstance(methods, str):
         methods = methods.split()
-    if overwrite and Path(out).is_dir():
-        if not (Path(out) / MARKER).is_file():
-            raise ValueError(f"--overwrite: {out} is not a flatpeft comparison folder; remove it yourself")
-        shutil.rmtree(out)
-    report = compare(options, list(methods), seeds, out, resume=resume, nproc=nproc, reference=reference)
+    report = compare(
+        options,
+        list(methods),
+        seeds,
+        out,
+        resume=resume,
+        nproc=nproc,
+        reference=reference,
+        overwrite=overwrite,
+    )
     print(report["table"])
     print()
     print("\n".join(report["lines"]))

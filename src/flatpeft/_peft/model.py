@@ -6,7 +6,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
+#: the attribute (in a PEFT model's ``__dict__``) naming the auxiliary adapters flatpeft added to it
+AUX_MARK = "_flatpeft_aux_adapters"
+
 __all__ = [
+    "AUX_MARK",
     "active_adapter",
     "adapter_parameters",
     "all_adapter_parameters",
@@ -105,7 +109,8 @@ def all_adapter_parameters(layer: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def prune_saved_adapters(output_dir: str, model: nn.Module, keep: str) -> None:
-    """Remove the folders ``save_pretrained`` wrote for adapters other than ``keep``.
+    """Remove the folders ``save_pretrained`` wrote for the auxiliary adapters flatpeft added (see
+    ``add_aux_adapter``), never ``keep`` nor any adapter of the user's own.
 
     PEFT writes a non-default adapter ``name`` under ``output_dir/name``; auxiliary adapters a method
     adds while training must never be shipped.
@@ -113,7 +118,8 @@ def prune_saved_adapters(output_dir: str, model: nn.Module, keep: str) -> None:
     import os
     import shutil
 
-    for name in getattr(unwrap_model(model), "peft_config", {}):
+    inner = unwrap_model(model)
+    for name in inner.__dict__.get(AUX_MARK, ()):
         path = os.path.join(output_dir, name)
         if name != keep and os.path.isfile(os.path.join(path, "adapter_config.json")):
             shutil.rmtree(path)

@@ -330,28 +330,40 @@ class FlatTrainerMixin:
         if self.args.should_save:
             _peft.prune_saved_adapters(output_dir or self.args.output_dir, self.model, keep=method.adapter)
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # Inside the Trainer's checkpoint lifecycle: next to the optimizer state it belongs with, before
+        # trainer_state.json and the rotation of old checkpoints, written atomically.
+        super()._save_optimizer_and_scheduler(output_dir)
         if self.flat_method is None:
             return
         state = self.flat_method.state_dict()  # on every rank: under FSDP a method gathers its tensors
         if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            if os.path.isdir(folder):
-                torch.save(state, os.path.join(folder, METHOD_STATE_NAME))
+            path = os.path.join(output_dir, METHOD_STATE_NAME)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            try:
+                torch.save(state, tmp)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, METHOD_STATE_NAME) if checkpoint else None
-        if path and os.path.isfile(path) and self.flat_method is not None:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if not self._user_total_steps and self.flat_method.config.has_field("total_steps"):
-                self.flat_method.set_total_steps(state["config"]["total_steps"])
-            self.flat_method.load_state_dict(state)
+        if not checkpoint or self.flat_method is None:
+            return
+        path = os.path.join(checkpoint, METHOD_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{path} is missing: {checkpoint} holds no flatpeft method state, so the method would "
+                "restart at step 0. Resume from a checkpoint a FlatTrainer wrote, or train without "
+                "resume_from_checkpoint"
+            )
+        from .._runfolder import load_state
+
+        state = load_state(path)
+        if not self._user_total_steps and self.flat_method.config.has_field("total_steps"):
+            self.flat_method.set_total_steps(state["config"]["total_steps"])
+        self.flat_method.load_state_dict(state)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.flat_method is not None and "loss" in logs:
