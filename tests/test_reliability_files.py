@@ -23,7 +23,7 @@ from flatpeft import _runfolder, _strict_json, cli, compare, models
 from flatpeft import train as train_lib
 from flatpeft.integrations.transformers import METHOD_STATE_NAME
 from helpers import tiny_bert
-from test_train import adapter_tensors, make_csv, options
+from test_train import adapter_tensors, make_csv, options, signal_at_micro_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,15 +206,7 @@ def test_sigterm_checkpoints_exits_143_and_resume_is_bit_exact(tmp_path, monkeyp
     common = {"method": "flat_lora", "max_steps": 6, "grad_accum": 2, "batch_size": 4, "checkpoint_every": 0}
     train_lib.train(options(data, tmp_path / "full", **common))
 
-    fetch, sent = train_lib.Stream.__getitem__, []
-
-    def sigterm_in_step_3(stream, j):  # micro-batches 4 and 5 are step 3's
-        if j == 4 and not sent:
-            sent.append(j)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return fetch(stream, j)
-
-    monkeypatch.setattr(train_lib.Stream, "__getitem__", sigterm_in_step_3)
+    fetch = signal_at_micro_batch(monkeypatch, 4, signal.SIGTERM)  # in step 3 (micro-batches 4, 5)
     cut = tmp_path / "cut"
     config = tmp_path / "cut.json"
     config.write_text(json.dumps(options(data, cut, **common)))

@@ -64,6 +64,21 @@ def adapter_tensors(out):
     return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
+def signal_at_micro_batch(monkeypatch, j: int, signum: int):
+    """Send ``signum`` to this process once, when the run reads training micro-batch ``j``; returns the
+    unpatched ``Stream.__getitem__``."""
+    fetch, sent = train_lib.Stream.__getitem__, []
+
+    def send(stream, i):
+        if i == j and not sent:
+            sent.append(i)
+            os.kill(os.getpid(), signum)
+        return fetch(stream, i)
+
+    monkeypatch.setattr(train_lib.Stream, "__getitem__", send)
+    return fetch
+
+
 def test_train_writes_a_complete_run_folder_with_a_stock_adapter(method_name, small_csv, tmp_path):
     out = tmp_path / "run"
     metrics = train_lib.train(options(small_csv, out, method=method_name))
@@ -119,16 +134,7 @@ def test_resume_after_interrupt_gives_the_uninterrupted_adapter(
     common = {"method": method_name, "max_steps": 6, "grad_accum": 2, "batch_size": 4}
     train_lib.train(options(small_csv, tmp_path / "full", **common))
 
-    fetch = train_lib.Stream.__getitem__
-    pressed = []
-
-    def interrupt_in_step_4(stream, j):  # Ctrl-C once while step 4 runs (micro-batches 6 and 7)
-        if j == 6 and not pressed:
-            pressed.append(j)
-            os.kill(os.getpid(), signal.SIGINT)
-        return fetch(stream, j)
-
-    monkeypatch.setattr(train_lib.Stream, "__getitem__", interrupt_in_step_4)
+    fetch = signal_at_micro_batch(monkeypatch, 6, signal.SIGINT)  # Ctrl-C in step 4 (micro-batches 6, 7)
     cut = tmp_path / "cut"
     with pytest.raises(train_lib.Interrupted, match="stopped at step 4"):
         train_lib.train(options(small_csv, cut, **common))
