@@ -8,6 +8,7 @@ import contextlib
 import csv
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -84,6 +85,24 @@ def test_a_pickle_payload_in_state_pt_is_refused_and_not_run(tmp_path, monkeypat
     state.write_bytes(real)  # the real checkpoint resumes
     metrics = train_lib.train({"out": str(out), "resume": True, "progress": False})
     assert metrics["steps"] == 4 and (out / "metrics.json").is_file()
+
+
+def test_sharded_checkpoint_metadata_is_read_without_running_code(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from flatpeft._safe_dcp import SafeReader
+
+    saved = {"model": {"w": torch.randn(3, 4), "h": torch.ones(2, dtype=torch.bfloat16)}, "step": 3}
+    dcp.save(saved, checkpoint_id=str(tmp_path / "sharded"))  # one process: no process group needed
+    loaded = {"model": {"w": torch.zeros(3, 4), "h": torch.zeros(2, dtype=torch.bfloat16)}, "step": 0}
+    dcp.load(loaded, storage_reader=SafeReader(tmp_path / "sharded"))
+    assert torch.equal(loaded["model"]["w"], saved["model"]["w"]) and loaded["step"] == 3
+
+    marker = tmp_path / "marker"
+    (tmp_path / "sharded" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ValueError, match=r"\.metadata is not checkpoint metadata that loads safely"):
+        SafeReader(tmp_path / "sharded").read_metadata()
+    assert not marker.exists()
 
 
 # -- 2. compare --overwrite deletes only after validation --------------------------------------------

@@ -105,7 +105,7 @@ def test_every_method_writes_one_complete_run_folder(runs, data):
         out = runs / method
         weights = "model" if method == train_lib.FULL else "adapter"
         assert sorted(p.name for p in out.iterdir()) == sorted(
-            [weights, "checkpoints", "config.json", "log.jsonl", "metrics.json"]
+            [".lock", weights, "checkpoints", "config.json", "log.jsonl", "metrics.json"]
         ), method
         config = json.loads((out / "config.json").read_text())
         assert config["world_size"] == 2 and config["total_steps"] == 4, method
@@ -114,7 +114,7 @@ def test_every_method_writes_one_complete_run_folder(runs, data):
         assert set(metrics["test"]) == {"loss", "accuracy", "macro_f1", "n"}, method
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         assert [e["step"] for e in log] == [1, 2, 3, 4], method  # one writer: no duplicate lines
-        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"], method
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"], method
         state = torch.load(out / "checkpoints" / "step-2" / "state.pt", weights_only=False)
         assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2, method
         if method != train_lib.FULL:  # vanilla PEFT loads the adapter
@@ -155,6 +155,7 @@ def test_resume_under_torchrun_equals_the_uninterrupted_run(runs, tmp_path):
         cut = tmp_path / method
         shutil.copytree(runs / method, cut)
         shutil.rmtree(cut / ("model" if method == train_lib.FULL else "adapter"))
+        shutil.rmtree(cut / "checkpoints" / "step-4")  # the last step's checkpoint
         (cut / "metrics.json").unlink()
         jobs.append({"argv": ["train", "--resume", "--out", str(cut), "--no-progress"]})
     _run_jobs(tmp_path, jobs)

@@ -424,8 +424,12 @@ def load_weights(
     root = _named_root(model, method)
     weights, optim = get_state_dict(root, optimizer, options=options)
     both = {"model": weights, "optimizer": optim}
+    from ._safe_dcp import SafeReader
+
+    reader = SafeReader(folder / state["sharded"])
+    reader.read_metadata()  # refuses metadata that is not (DCP wraps the error in a BaseException)
     try:
-        dcp.load(both, checkpoint_id=str(folder / state["sharded"]))
+        dcp.load(both, storage_reader=reader)
     except Exception as e:  # CheckpointException: a missing key or a shape mismatch
         raise ConfigError(
             f"{folder}: the checkpoint does not match this model ({e}); start a new --out"
