@@ -133,6 +133,18 @@ def test_compare_overwrite_keeps_the_old_folder_when_the_input_is_bad(bad, tmp_p
     assert _snapshot(root) == before
 
 
+def test_a_second_comparison_in_the_same_folder_is_refused(tmp_path):
+    root = tmp_path / "cmp"
+    held = _runfolder.RunLock(root)
+    held.acquire()
+    try:
+        with pytest.raises(ValueError, match=r"cmp is in use by another flatpeft process"):
+            compare.compare({"model": "tiny", "data": make_csv(tmp_path / "d.csv")}, ["lora"], [0], str(root))
+    finally:
+        held.release()
+    assert [p.name for p in root.iterdir()] == [".lock"]
+
+
 # -- 3. resume verifies the data, and finds it from any working directory ------------------------------
 
 

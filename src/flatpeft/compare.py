@@ -200,8 +200,27 @@ def compare(
 
     Raises:
         ValueError: bad options, methods, seeds, data or model; ``out`` in use without ``resume``;
-            a reused run trained on another split.
+            a reused run trained on another split; another comparison running in ``out``.
     """
+    lock = _runfolder.RunLock(out)  # taken once everything is checked (see _compare), held to the end
+    try:
+        return _compare(options, methods, seeds, out, resume, nproc, reference, overwrite, lock)
+    finally:
+        lock.release()
+
+
+def _compare(
+    options: dict[str, Any],
+    methods: Sequence[str],
+    seeds: Sequence[int] | str,
+    out: str,
+    resume: bool,
+    nproc: int,
+    reference: str | None,
+    overwrite: bool,
+    lock: _runfolder.RunLock,
+) -> dict[str, Any]:
+    """:func:`compare`, with ``out`` claimed by ``lock`` once every input is checked."""
     from . import _scale
 
     if overwrite and resume:
@@ -232,11 +251,16 @@ def compare(
     record: dict[str, Any] = {"options": options, "methods": list(methods), "seeds": seeds}
     if nproc > 1:
         record["nproc"] = nproc
-    if overwrite and root.is_dir():  # only now, after every check
+    if overwrite and root.is_dir():  # only now, after every check, and with the folder claimed
         if not (root / MARKER).is_file():
             raise ValueError(f"--overwrite: {out} is not a flatpeft comparison folder; remove it yourself")
-        shutil.rmtree(root)
-    if root.exists() and any(root.iterdir()):
+        lock.acquire()
+        for old in root.iterdir():
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.name != lock.NAME:
+                old.unlink()
+    if root.exists() and any(p.name != lock.NAME for p in root.iterdir()):
         if not resume:
             raise ValueError(
                 f"{root} is not empty; pass --resume to reuse its finished runs or another --out"
@@ -250,6 +274,7 @@ def compare(
             if (root / "runs" / folder_name(row, seed) / "metrics.json").is_file():
                 _check_split(root / "runs" / folder_name(row, seed), splits.fingerprint)
                 _check_run(root / "runs" / folder_name(row, seed), cfg)
+    lock.acquire()  # one comparison at a time in out (a second one gets a clear error)
     (root / "runs").mkdir(parents=True, exist_ok=True)
     write_json(root / MARKER, record)
 
