@@ -53,16 +53,17 @@ def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[n
     from peft import LoraConfig, PeftModel
 
     inner = unwrap_model(model)
-    configs = getattr(inner, "peft_config", {})
-    if name in configs:
+    if _config_owner(inner, name) is not None:
         raise ValueError(f"the model already has an adapter named {name!r}; delete it or detach its method")
-    if primary not in configs:
+    owner = _config_owner(inner, primary)
+    if owner is None:
         raise ValueError(
             f"the model has LoRA layers but no peft_config entry for adapter {primary!r}, so no auxiliary "
             "adapter can be added next to it; add LoRA with peft.get_peft_model, model.add_adapter or "
             "peft.inject_adapter_in_model, or pick a method without an auxiliary adapter"
         )
-    primary_config = configs[primary]
+    primary_config = owner.peft_config[primary]
+    inner = owner  # a PeftModel, or the module add_adapter was called on (maybe inside a user's wrapper)
     wrapped = isinstance(inner, PeftModel)
     root = inner.base_model.model if wrapped else inner
     targets = [key for key, _ in lora_layers(root, primary)]
@@ -90,6 +91,12 @@ def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[n
     return layers
 
 
+def _config_owner(model: nn.Module, adapter: str) -> nn.Module | None:
+    """The outermost module of ``model`` whose ``peft_config`` holds ``adapter`` (the ``PeftModel``, or
+    the module diffusers' / Transformers' ``add_adapter`` was called on), or ``None``."""
+    return next((m for m in model.modules() if adapter in (getattr(m, "peft_config", None) or {})), None)
+
+
 def _inject(model: nn.Module, name: str, config) -> None:
     """``peft.inject_adapter_in_model`` on a module that already carries LoRA layers, leaving every
     layer's active adapters and every parameter's ``requires_grad`` as they were."""
@@ -112,10 +119,10 @@ def remove_aux_adapter(model: nn.Module, name: str) -> None:
     from peft import PeftModel
     from peft.tuners.tuners_utils import delete_adapter
 
-    inner = unwrap_model(model)
-    configs = getattr(inner, "peft_config", {})
-    if name not in configs:
+    inner = _config_owner(unwrap_model(model), name)
+    if inner is None:
         return
+    configs = inner.peft_config
     if isinstance(inner, PeftModel):
         inner.delete_adapter(name)
         return
