@@ -314,7 +314,9 @@ def cpu_peak_rss(args, spec: str) -> float:
 
 
 def make_batches(args, base, device):
-    vocab = getattr(base.config, "vocab_size", None) or getattr(getattr(base.config, "text_config", None), "vocab_size", 0)
+    vocab = getattr(base.config, "vocab_size", None) or getattr(
+        getattr(base.config, "text_config", None), "vocab_size", 0
+    )
     return shapes.make_batches(args.model, vocab, args.batch_size, args.length, args.seed, device)
 
 

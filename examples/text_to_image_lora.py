@@ -39,7 +39,9 @@ def tiny_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     chars = [chr(i) for i in range(33, 127)]
-    vocab = {t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])}
+    vocab = {
+        t: i for i, t in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"])
+    }
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
@@ -52,27 +54,48 @@ def tiny_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=2,
-    )  # fmt: skip
+        cross_attention_dim=32,
+        norm_num_groups=2,
+    )
     vae = AutoencoderKL(
-        block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-    )  # fmt: skip
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=2,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+    )
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = tiny_tokenizer(Path(folder))
     text_config = CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=16,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=16,
+    )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, unet=unet,
-        scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
 
 
 def generated_images(n: int, size: int, seed: int) -> torch.Tensor:
@@ -91,7 +114,12 @@ def folder_images(folder: Path, size: int) -> torch.Tensor:
     from torchvision import transforms
 
     prep = transforms.Compose(
-        [transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(0.5, 0.5)]
+        [
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(0.5, 0.5),
+        ]
     )
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
@@ -123,9 +151,13 @@ def micro_batch_loss(pipe, unet, pixels: torch.Tensor, ids: torch.Tensor, g: tor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--pretrained-model", help="a Stable Diffusion folder or Hub name (needs the network once)")
+    source.add_argument(
+        "--pretrained-model", help="a Stable Diffusion folder or Hub name (needs the network once)"
+    )
     source.add_argument("--tiny", action="store_true", help="a random tiny pipeline from configs (offline)")
     parser.add_argument("--smoke", action="store_true", help="--tiny with 2 steps (what the test suite runs)")
     single_split = [m for m in flatpeft.list_methods() if not flatpeft.get_method(m).needs_upper_loss]
@@ -157,7 +189,9 @@ def main(argv=None) -> float | None:
     from diffusers.utils import convert_state_dict_to_diffusers
 
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum
+    )
     if args.tiny:
         pipe = tiny_pipeline(args.seed)
     else:
@@ -171,13 +205,18 @@ def main(argv=None) -> float | None:
     vae.to(device)
     text_encoder.to(device)
     ids = pipe.tokenizer(
-        args.prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        args.prompt,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
-    ).input_ids.to(device)  # fmt: skip
+    ).input_ids.to(device)
 
     # --- flatpeft: LoRA as diffusers' scripts add it, then attach a method ---------------------------
     unet.add_adapter(
-        peft.LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+        peft.LoraConfig(
+            r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+        )
     )
     method = flatpeft.attach(unet, args.method, total_steps=args.steps)  # before building the optimizer
     optimizer = torch.optim.AdamW(method.param_groups(weight_decay=1e-2), lr=args.lr)
@@ -198,12 +237,14 @@ def main(argv=None) -> float | None:
         if accelerator.is_main_process and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {loss.item():.4f}  {method.strength()}")
 
-    unet = accelerator.unwrap_model(unet)
+    unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)  # no autocast wrapper left on forward
     method.detach()  # auxiliary adapters (Bi-LoRA) are gone; only the user's adapter remains
     lora = convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(unet, adapter_name=method.adapter))
     metadata = unet.peft_config[method.adapter].to_dict()  # r, lora_alpha, targets: what the loader needs
-    StableDiffusionPipeline.save_lora_weights(args.out, unet_lora_layers=lora, unet_lora_adapter_metadata=metadata)
-    print(f"LoRA written to {args.out}")
+    StableDiffusionPipeline.save_lora_weights(
+        args.out, unet_lora_layers=lora, unet_lora_adapter_metadata=metadata
+    )
+    print(f"{method.step} optimizer steps; LoRA written to {args.out}")
     if not args.tiny:
         return None
     # The file loads into a fresh pipeline (same random base) and reproduces the trained UNet.

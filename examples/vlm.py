@@ -18,7 +18,13 @@ from pathlib import Path
 
 import peft
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, TrainingArguments
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    TrainingArguments,
+)
 
 import flatpeft
 
@@ -32,17 +38,30 @@ def tiny_vlm(seed: int = 0) -> LlavaForConditionalGeneration:
     """A random LLaVA-style model from configs: CLIP vision tower → 2-layer MLP projector → LLaMA."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+    )
     text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-    )  # fmt: skip
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     return LlavaForConditionalGeneration(config)
 
 
@@ -67,12 +86,21 @@ def vlm_examples(n: int, seed: int = 0, length: int = 6) -> list[dict[str, torch
         ids = torch.cat([torch.full((IMAGE_TOKENS,), IMAGE_TOKEN), prompt, torch.tensor([colour])])
         labels = torch.full_like(ids, -100)
         labels[-1] = colour
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "labels": labels})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "pixel_values": pixels,
+                "labels": labels,
+            }
+        )
     return out
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--method", default="flat_lora", choices=flatpeft.list_methods())
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--projector", action="store_true", help="also LoRA on the multimodal projector")
@@ -87,10 +115,17 @@ def main(argv=None) -> Path:
     trainer = flatpeft.FlatTrainer(
         model=model,
         args=TrainingArguments(
-            output_dir=str(args.out), max_steps=args.max_steps, per_device_train_batch_size=4,
-            gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=10, save_strategy="no",
-            report_to="none", use_cpu=True, remove_unused_columns=False,
-        ),  # fmt: skip
+            output_dir=str(args.out),
+            max_steps=args.max_steps,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            learning_rate=3e-3,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            remove_unused_columns=False,
+        ),
         train_dataset=vlm_examples(64),
         method=args.method,
     )

@@ -91,7 +91,9 @@ def test_zero_strength_reproduces_plain_backward(method_spec):
         torch.testing.assert_close(got[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-def _relative_gap(name: str, options: dict, strength: float, model_fn=tiny_bert, batch_fn=make_batch) -> float:
+def _relative_gap(
+    name: str, options: dict, strength: float, model_fn=tiny_bert, batch_fn=make_batch
+) -> float:
     """max |method.backward gradient − plain backward gradient| / max |plain gradient| on an fp64 model,
     with every strength field set to ``strength``, at optimizer step 1 (after one SGD step, with T = 1:
     a σ ramp has reached σ, an EMA of the perturbation exists, an auxiliary branch started at zero has

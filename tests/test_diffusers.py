@@ -23,7 +23,7 @@ from test_contract import VARIANTS, _relative_gap
 
 pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import text_to_image_lora as t2i  # noqa: E402  (examples/, after the skip)
+import text_to_image_lora as t2i
 
 # Attention projections (diffusers' scripts) and the ResNet convolutions (filter-wise Conv2d rows).
 TARGETS = [*t2i.LORA_TARGETS, "conv1", "conv2"]
@@ -171,7 +171,9 @@ def test_saved_lora_loads_into_a_fresh_pipeline(method_spec, tmp_path):
     assert list(unet.peft_config) == ["default"] and unet.active_adapters() == ["default"]
     lora = convert_state_dict_to_diffusers(exported)
     metadata = unet.peft_config[method.adapter].to_dict()  # lora_alpha != r must reach the loader
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=lora, unet_lora_adapter_metadata=metadata)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=lora, unet_lora_adapter_metadata=metadata
+    )
 
     fresh = t2i.tiny_pipeline()
     fresh.load_lora_weights(tmp_path)
@@ -190,7 +192,9 @@ def test_aux_adapter_keeps_the_users_active_adapter_and_leaves_no_trace():
     UNet carrying two; outside backward only that adapter runs; detaching removes the auxiliary
     adapter everywhere and leaves both user adapters as they were."""
     unet = tiny_unet()
-    unet.add_adapter(peft.LoraConfig(r=2, lora_alpha=4, target_modules=t2i.LORA_TARGETS), adapter_name="style")
+    unet.add_adapter(
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=t2i.LORA_TARGETS), adapter_name="style"
+    )
     unet.set_adapter("style")
     adapters = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
     flags = {n: p.requires_grad for n, p in unet.named_parameters()}

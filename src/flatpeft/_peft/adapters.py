@@ -127,7 +127,9 @@ def remove_aux_adapter(model: nn.Module, name: str) -> None:
         inner.delete_adapter(name)
         return
     cls = _lora_layer_class()
-    previous = [(m, [a for a in m.active_adapters if a != name]) for m in inner.modules() if isinstance(m, cls)]
+    previous = [
+        (m, [a for a in m.active_adapters if a != name]) for m in inner.modules() if isinstance(m, cls)
+    ]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was active which is now deleted.*", category=UserWarning)
         delete_adapter(inner, name, prefix="lora_", layer_cls=cls)

@@ -68,8 +68,8 @@ def check_peft_model(model: nn.Module) -> nn.Module:
         raise ValueError("the model has merged LoRA adapters; call model.unmerge_adapter() before attaching")
     if all(m.disable_adapters for m in layers):
         raise ValueError(
-            "the model's LoRA layers are disabled; enable them before attaching (model.enable_adapters() on a "
-            "diffusers / Transformers model, or leave the PeftModel.disable_adapter() block)"
+            "the model's LoRA layers are disabled; enable them before attaching (model.enable_adapters() "
+            "on a diffusers / Transformers model, or leave the PeftModel.disable_adapter() block)"
         )
     if not any(_carries(m, a) for m in layers for a in m.active_adapters):
         raise ValueError(

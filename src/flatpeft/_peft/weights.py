@@ -98,8 +98,8 @@ def geometry(layer: nn.Module) -> Geometry:
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if base.padding_mode != "zeros" or isinstance(base.padding, str):
             raise ValueError(
-                f"{type(base).__name__} with padding={base.padding!r}/{base.padding_mode!r} is not supported; "
-                "use numeric zero padding or exclude the layer from LoraConfig.target_modules"
+                f"{type(base).__name__} with padding={base.padding!r}/{base.padding_mode!r} is not "
+                "supported; use numeric zero padding or exclude the layer from LoraConfig.target_modules"
             )
         return Geometry("conv", base.out_channels, base.weight[0].numel(), base)
     if isinstance(base, nn.Linear) or (hasattr(base, "in_features") and hasattr(base, "out_features")):
