@@ -15,7 +15,7 @@ process that loads the same model and runs the same steps.
 
     python benchmarks/overhead.py                      # MiniLM if installed, else a tiny BERT
     python benchmarks/overhead.py --model tiny --rounds 2 --methods lora flat_lora
-    python benchmarks/overhead.py --model sd15-unet --batch-size 1 --steps 1   # diffusers' add_adapter
+    python benchmarks/overhead.py --model sd15-unet --batch-size 1 --length 64  # 64×64 latents, add_adapter
     python benchmarks/overhead.py --model tiny-vlm --batch-size 8             # LLaVA-style, FlatTrainer-free
     python benchmarks/overhead.py --model llama-8b --precision bf16 --batch-size 4 --length 1024 \\
         --rank 16 --gradient-checkpointing                # on a GPU; see benchmarks/gpu.sh
@@ -338,7 +338,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--length", type=int, default=64, help="tokens; for sd15-unet the latent side")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument(
         "--targets",

@@ -1,6 +1,6 @@
 """Models the overhead benchmark runs on: MiniLM, SmolLM2-135M-Instruct, a tiny BERT, LLaMA shapes with
 random weights, the Stable Diffusion 1.5 UNet's shapes (random weights, LoRA added with diffusers'
-``add_adapter`` on the attention projections, 64×64 latents) and the tiny LLaVA-style VLM of
+``add_adapter`` on the attention projections, ``--length`` × ``--length`` latents: 64 for 512×512 images) and the tiny LLaVA-style VLM of
 ``examples/vlm.py`` (LoRA on its language model).
 
 LLaMA shapes are built from a ``LlamaConfig`` (no download): ``llama-1b`` has the shapes of
@@ -149,8 +149,8 @@ def make_batches(name: str, vocab: int, batch_size: int, length: int, seed: int,
     """Two batches of random tokens (the second feeds methods that need an upper-level loss); for the
     UNet, latents, timesteps, text states and noise targets; for the VLM, images and their tokens."""
     g = torch.Generator().manual_seed(seed)
-    if name in DIFFUSERS:
-        shape = (batch_size, 4, SD15_UNET["sample_size"], SD15_UNET["sample_size"])
+    if name in DIFFUSERS:  # ``length`` is the latent side: 64 = SD 1.5's 512×512 images
+        shape = (batch_size, 4, length, length)
         return [
             {
                 "sample": torch.randn(shape, generator=g).to(device),
