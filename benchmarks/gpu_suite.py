@@ -92,7 +92,7 @@ def measurements(smoke: bool, exactness_steps: int) -> list[dict]:
     if smoke:
         return runs[:3]  # the smoke's two shapes are one
     # Stable Diffusion 1.5 UNet shapes, LoRA (diffusers' add_adapter) on the attention projections,
-    # 64×64 latents (``--length`` is the latent side). No FLOP model: it gets a fixed plan share (UNET_PLAN_S).
+    # 64×64 latents (``--length`` is the latent side). No FLOP model: a fixed plan share (UNET_PLAN_S).
     unet = dict(name="sd15-unet-b4", model="sd15-unet", batch=4, length=64, ckpt=False, rounds=r, steps=s)
     return [*runs, unet | {"plan_s": UNET_PLAN_S}]
 

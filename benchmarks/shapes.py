@@ -1,7 +1,7 @@
 """Models the overhead benchmark runs on: MiniLM, SmolLM2-135M-Instruct, a tiny BERT, LLaMA shapes with
 random weights, the Stable Diffusion 1.5 UNet's shapes (random weights, LoRA added with diffusers'
-``add_adapter`` on the attention projections, ``--length`` × ``--length`` latents: 64 for 512×512 images) and the tiny LLaVA-style VLM of
-``examples/vlm.py`` (LoRA on its language model).
+``add_adapter`` on the attention projections, ``--length`` × ``--length`` latents: 64 for 512×512
+images) and the tiny LLaVA-style VLM of ``examples/vlm.py`` (LoRA on its language model).
 
 LLaMA shapes are built from a ``LlamaConfig`` (no download): ``llama-1b`` has the shapes of
 LLaMA-3.2-1B, ``llama-8b`` those of LLaMA-3-8B, ``llama-tiny`` is a two-layer stand-in for smoke

@@ -260,3 +260,16 @@ def test_a_method_that_cannot_run_on_the_module_says_so_at_attach():
     method = flatpeft.attach(net, "lora")
     method.backward(lambda: net(torch.randn(1, 2, 4, 4, 4)).loss)
     assert net.conv.lora_A["default"].weight.grad is not None
+
+
+def test_sharpness_measures_a_unet_and_leaves_it_bit_identical():
+    """``flatpeft.sharpness`` takes the UNet itself (LoRA from ``add_adapter``): every adapted layer's
+    effective weight is perturbed (the loss moves), the estimate is finite, and no stored weight moved."""
+    unet = tiny_unet()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    loss = lambda m, b: UNetLoss(m)(**b).loss  # noqa: E731
+    result = flatpeft.expected_sharpness(unet, loss, [unet_batch(0)], sigma=0.5, n_samples=4, progress=False)
+    samples = torch.tensor(result.samples)
+    assert torch.isfinite(samples).all() and samples.abs().min() > 0
+    assert result.details["tensors"] == sum(1 for m in unet.modules() if hasattr(m, "lora_A"))  # 48
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())

@@ -57,3 +57,34 @@ def test_every_method_trains_a_vlm_through_flat_trainer(method, tmp_path):
         plain = vlm.tiny_vlm().eval()(**batch).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(plain, want, atol=1e-4)  # the adapter changed the model
+
+
+def test_flat_trainer_on_a_vlm_with_injected_lora(tmp_path):
+    """No ``PeftModel``: LoRA injected with ``peft.inject_adapter_in_model``; Bi-LoRA's auxiliary adapter
+    rides along through training and the exported state dict holds the user's adapter only."""
+    model = vlm.tiny_vlm()
+    model.requires_grad_(False)
+    peft.inject_adapter_in_model(
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=vlm.LANGUAGE_TARGETS), model
+    )
+    vision = {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n}
+    trainer = flatpeft.FlatTrainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            remove_unused_columns=False,
+        ),
+        train_dataset=vlm.vlm_examples(16),
+        method="bi_lora",
+    )
+    trainer.train()
+    method = trainer.flat_method
+    assert method.step == 2 and list(model.peft_config) == ["default", method.aux_name]
+    exported = peft.get_peft_model_state_dict(model, adapter_name=method.adapter)
+    assert len(exported) == 2 * len(method.layers) == 2 * 2 * 7  # A, B of 7 projections in 2 layers
+    assert all(torch.equal(p, vision[n]) for n, p in model.named_parameters() if "vision_tower" in n)
