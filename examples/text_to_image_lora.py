@@ -162,7 +162,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="--tiny with 2 steps (what the test suite runs)")
     single_split = [m for m in flatpeft.list_methods() if not flatpeft.get_method(m).needs_upper_loss]
     parser.add_argument("--method", default="flat_lora", choices=single_split)
-    parser.add_argument("--images", type=Path, help="folder of subject images (default: generated squares)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="folder of subject images (needs Pillow and torchvision; default: generated squares)",
+    )
     parser.add_argument("--prompt", default="a photo of sks square")
     parser.add_argument("--resolution", type=int, default=None, help="default: 512 (real model), 16 (tiny)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
