@@ -18,28 +18,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import vlm
 
 
+def _train_two_steps(model, method: str, tmp_path) -> flatpeft.FlatTrainer:
+    """``FlatTrainer`` with ``method``: 2 optimizer steps of 4 examples (images and tokens), on CPU."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+    )
+    trainer = flatpeft.FlatTrainer(model=model, args=args, train_dataset=vlm.vlm_examples(16), method=method)
+    trainer.train()
+    return trainer
+
+
 @pytest.mark.parametrize("method", flatpeft.list_methods())
 def test_every_method_trains_a_vlm_through_flat_trainer(method, tmp_path):
     model = vlm.with_lora(vlm.tiny_vlm(), rank=4, projector=True)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert any("vision_tower" in n for n in frozen)
     assert any("multi_modal_projector" in n and "lora_A" in n for n, _ in model.named_parameters())
-    trainer = flatpeft.FlatTrainer(
-        model=model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path),
-            max_steps=2,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            remove_unused_columns=False,
-        ),
-        train_dataset=vlm.vlm_examples(16),
-        method=method,
-    )
-    trainer.train()
+    trainer = _train_two_steps(model, method, tmp_path)
     assert trainer.flat_method.step == 2
     for n, p in model.named_parameters():
         if n in frozen:
@@ -68,21 +70,7 @@ def test_flat_trainer_on_a_vlm_with_injected_lora(tmp_path):
         peft.LoraConfig(r=4, lora_alpha=8, target_modules=vlm.LANGUAGE_TARGETS), model
     )
     vision = {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n}
-    trainer = flatpeft.FlatTrainer(
-        model=model,
-        args=TrainingArguments(
-            output_dir=str(tmp_path),
-            max_steps=2,
-            per_device_train_batch_size=4,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            remove_unused_columns=False,
-        ),
-        train_dataset=vlm.vlm_examples(16),
-        method="bi_lora",
-    )
-    trainer.train()
+    trainer = _train_two_steps(model, "bi_lora", tmp_path)
     method = trainer.flat_method
     assert method.step == 2 and list(model.peft_config) == ["default", method.aux_name]
     exported = peft.get_peft_model_state_dict(model, adapter_name=method.adapter)
