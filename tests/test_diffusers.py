@@ -127,7 +127,9 @@ def _redrawing_loss(pipe, unet, pixels, ids, g):
 def test_two_pass_methods_see_the_same_noise_and_timestep(method_name, make_loss):
     """Every pass of one ``backward`` evaluates the UNet on the same noisy latents and timesteps when the
     loss closure is the example's (drawn once per micro-batch); the closure that redraws them inside
-    gives a two-pass method different ones, which this test catches (expected to fail: xfail)."""
+    gives a two-pass method different ones: the control shows the check can fail."""
+    if make_loss is _redrawing_loss and flatpeft.get_method(method_name).passes == 1:
+        pytest.skip("one pass per backward: a redrawing closure is harmless")
     pipe = t2i.tiny_pipeline()
     pipe.unet.requires_grad_(False)
     pipe.unet.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, target_modules=t2i.LORA_TARGETS))
@@ -142,10 +144,7 @@ def test_two_pass_methods_see_the_same_noise_and_timestep(method_name, make_loss
     handle.remove()
     assert len(seen) >= method.passes
     redraws = any(not (torch.equal(s[0], seen[0][0]) and torch.equal(s[1], seen[0][1])) for s in seen[1:])
-    if make_loss is _redrawing_loss and len(seen) > 1:
-        assert redraws  # the check below can fail: a redrawing closure is caught
-    elif make_loss is t2i.micro_batch_loss:
-        assert not redraws
+    assert redraws == (make_loss is _redrawing_loss)
 
 
 def test_saved_lora_loads_into_a_fresh_pipeline(method_spec, tmp_path):
