@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU overhead benchmark (SPEC §5) in one command: every method and control on LLaMA-3.2-1B and
 # LLaMA-3-8B shapes (random weights, no download), bf16, one H100/H200, activation checkpointing off
-# and on, plus bf16 exactness of the frozen weights. Needs only PyTorch, Transformers, PEFT and
-# Accelerate; runs from the source tree. Stays under 8 minutes (the time plan is in
+# and on, plus bf16 exactness of the frozen weights, and the Stable Diffusion 1.5 UNet's shapes
+# (LoRA through diffusers' add_adapter). Needs only PyTorch, Transformers, PEFT, Accelerate and, for
+# the UNet rows, diffusers (the `diffusers` extra); runs from the source tree. Stays under 8 minutes (the time plan is in
 # benchmarks/gpu_suite.py) and writes JSON and Markdown (summary.md) into one folder.
 #
 #   bash benchmarks/gpu.sh                      # -> benchmarks/results/gpu-<UTC time>/

@@ -6,6 +6,8 @@ Runs, in this order, each as one ``overhead.py`` measurement in this process:
    the frozen bf16 weights are compared bit for bit, and the in-place control's drift is reported;
 2. the overhead table for llama-8b shapes (batch 4 × 1024), activation checkpointing off and on;
 3. the overhead table for llama-1b shapes (batch 8 × 1024), checkpointing off and on;
+4. the overhead table for Stable Diffusion 1.5 UNet shapes (batch 4, 64×64 latents, LoRA on the
+   attention projections through diffusers' ``add_adapter``; needs diffusers);
    plus a ``torch.profiler`` table of one step of the Flat-LoRA rows on the first llama-8b run.
 
 Time budget (``--budget-s``, default 420 s so that gpu.sh, with interpreter start, CUDA
@@ -60,6 +62,7 @@ PASS_COST = {
     "eflat_lora": 1.1,
 }
 BUILD_S = 15.0
+UNET_PLAN_S = 30.0  # the SD 1.5 UNet measurement's share of the plan (overhead.py re-plans from its steps)
 TARGETS = {  # SPEC §5, GPU, llama-8b shapes: (time × lora, memory × lora or None)
     "flat_lora": (1.03, 1.02),
     "bi_lora": (1.05, None),
@@ -86,11 +89,18 @@ def measurements(smoke: bool, exactness_steps: int) -> list[dict]:
         dict(name=f"{small}-b{b8}x{n}", model=small, batch=b8, length=n, ckpt=False, rounds=r, steps=s),
         dict(name=f"{small}-b{b8}x{n}-ckpt", model=small, batch=b8, length=n, ckpt=True, rounds=r, steps=s),
     ]  # fmt: skip
-    return runs[:3] if smoke else runs  # the smoke's two shapes are one
+    if smoke:
+        return runs[:3]  # the smoke's two shapes are one
+    # Stable Diffusion 1.5 UNet shapes, LoRA (diffusers' add_adapter) on the attention projections,
+    # 64×64 latents (``--length`` is the latent side). No FLOP model: a fixed plan share (UNET_PLAN_S).
+    unet = dict(name="sd15-unet-b4", model="sd15-unet", batch=4, length=64, ckpt=False, rounds=r, steps=s)
+    return [*runs, unet | {"plan_s": UNET_PLAN_S}]
 
 
 def estimate_s(m: dict, specs: list[str], tflops: float, exactness_steps: int) -> float:
     """Seconds a measurement is expected to take at ``tflops`` (see the module docstring)."""
+    if "plan_s" in m:
+        return m["plan_s"]
     cost = shapes.llama_cost(m["model"], m["batch"], m["length"], m["ckpt"])
     step = cost.flops / (tflops * 1e12)
     steps = 1 + (exactness_steps if "--no-time" in m.get("flags", []) else m["rounds"] * m["steps"] + 1)

@@ -15,6 +15,8 @@ process that loads the same model and runs the same steps.
 
     python benchmarks/overhead.py                      # MiniLM if installed, else a tiny BERT
     python benchmarks/overhead.py --model tiny --rounds 2 --methods lora flat_lora
+    python benchmarks/overhead.py --model sd15-unet --batch-size 1 --length 64  # 64×64 latents, add_adapter
+    python benchmarks/overhead.py --model tiny-vlm --batch-size 8             # LLaVA-style, FlatTrainer-free
     python benchmarks/overhead.py --model llama-8b --precision bf16 --batch-size 4 --length 1024 \\
         --rank 16 --gradient-checkpointing                # on a GPU; see benchmarks/gpu.sh
 
@@ -75,8 +77,14 @@ def build(args, spec: str, base, device: torch.device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     task = "CAUSAL_LM" if shapes.is_causal(args.model) else "SEQ_CLS"
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-    lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type=task)
-    model = peft.get_peft_model(model, lora).to(device)
+    if args.targets == shapes.target_label(args.model):
+        targets = shapes.default_targets(args.model)  # a regex for the VLM
+    if args.model in shapes.DIFFUSERS:  # LoRA as diffusers' training scripts add it: no PeftModel
+        model.add_adapter(peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets))
+        model.to(device)
+    else:
+        lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type=task)
+        model = peft.get_peft_model(model, lora).to(device)
     model.train()
     fields = {f for f, *_ in flatpeft.get_method(name).config_class.describe()}
     if "total_steps" in fields:
@@ -102,7 +110,7 @@ def step_fn(args, device: torch.device, passes: int = 1):
         def loss_of(batch):
             def loss_fn():
                 with _autocast(args, device):
-                    return model(**batch).loss
+                    return shapes.loss(args.model, model, batch)
 
             return loss_fn
 
@@ -306,7 +314,9 @@ def cpu_peak_rss(args, spec: str) -> float:
 
 
 def make_batches(args, base, device):
-    vocab = base.config.vocab_size
+    vocab = getattr(base.config, "vocab_size", None) or getattr(
+        getattr(base.config, "text_config", None), "vocab_size", 0
+    )
     return shapes.make_batches(args.model, vocab, args.batch_size, args.length, args.seed, device)
 
 
@@ -328,10 +338,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--length", type=int, default=64, help="tokens; for sd15-unet the latent side")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument(
-        "--targets", default="all-linear", help="'all-linear' or comma-separated module names"
+        "--targets",
+        default=None,
+        help="'all-linear' or comma-separated module names (default: all-linear; the UNet's attention "
+        "projections; the VLM's language model)",
     )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
@@ -368,6 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.model = "minilm"
         except ModelError:
             args.model = "tiny"
+    args.targets = args.targets or shapes.target_label(args.model)
     known = {*flatpeft.list_methods(), *VARIANTS}
     unknown = sorted(set(args.methods or []) - known)
     if unknown:

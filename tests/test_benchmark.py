@@ -171,7 +171,14 @@ def test_gpu_plan_fits_the_budget_at_the_assumed_throughput():
     specs = [*flatpeft.list_methods(), *overhead.VARIANTS]
     plan = gpu_suite.measurements(smoke=False, exactness_steps=8)
     total = sum(gpu_suite.estimate_s(m, specs, 400.0, 8) for m in plan)
-    assert [m["model"] for m in plan] == ["llama-1b", "llama-8b", "llama-8b", "llama-1b", "llama-1b"]
+    assert [m["model"] for m in plan] == [
+        "llama-1b",
+        "llama-8b",
+        "llama-8b",
+        "llama-1b",
+        "llama-1b",
+        "sd15-unet",
+    ]
     assert total < 420.0
 
 

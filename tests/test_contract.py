@@ -91,31 +91,34 @@ def test_zero_strength_reproduces_plain_backward(method_spec):
         torch.testing.assert_close(got[k], plain[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-def _relative_gap(name: str, options: dict, strength: float) -> float:
+def _relative_gap(
+    name: str, options: dict, strength: float, model_fn=tiny_bert, batch_fn=make_batch
+) -> float:
     """max |method.backward gradient − plain backward gradient| / max |plain gradient| on an fp64 model,
     with every strength field set to ``strength``, at optimizer step 1 (after one SGD step, with T = 1:
     a σ ramp has reached σ, an EMA of the perturbation exists, an auxiliary branch started at zero has
-    moved).
+    moved). ``model_fn(dtype=...)`` builds the model (called as ``model(**batch).loss``), ``batch_fn(seed)``
+    its batches.
 
     Both gradients are taken at the same point on the same batch; only the parameters a plain
     backward reaches are compared (an auxiliary branch has no plain gradient).
     """
     fields = flatpeft.get_method(name).config_class.strength_fields()
-    model = tiny_bert(dtype=torch.float64)
+    model = model_fn(dtype=torch.float64)
     strengths = dict.fromkeys(fields, strength)
     method = flatpeft.attach(model, name, **defaults_for(name, total_steps=1, **options, **strengths))
     opt = torch.optim.SGD(method.parameters(), lr=0.1)
     method.bind(opt)
-    run_backward(method, model, make_batch(1))
+    run_backward(method, model, batch_fn(1), upper_batch=batch_fn(99))
     opt.step()
     opt.zero_grad(set_to_none=True)
     assert method.step == 1 and method.data_used(method.config, 1) == (True, False)
 
-    batch = make_batch(0)
+    batch = batch_fn(0)
     model(**batch).loss.backward()
     plain = _grads(model)
     model.zero_grad(set_to_none=True)
-    run_backward(method, model, batch)
+    run_backward(method, model, batch, upper_batch=batch_fn(99))
     got = _grads(model)
     assert plain.keys() <= got.keys()
     gap = max(float((got[k] - plain[k]).abs().max()) for k in plain)

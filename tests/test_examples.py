@@ -1,6 +1,7 @@
 """The examples run, in smoke mode (the tiny models they build, a few steps), so the README's code keeps
 working: ``examples/plain_loop.py``, ``hf_trainer.py``, ``ddp.py`` (2 CPU ranks) and ``demo.py``, the
-script behind ``make demo`` (``--smoke``: the tiny model instead of MiniLM, 2 steps)."""
+script behind ``make demo`` (``--smoke``: the tiny model instead of MiniLM, 2 steps), ``vlm.py`` and
+``text_to_image_lora.py`` (diffusers; skipped without it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import peft
+import pytest
 
 from helpers import torchrun_argv
 
@@ -60,3 +62,24 @@ def test_demo_smoke(tmp_path):
     assert runs == [("lora", 2), ("flat_lora", 2), ("bi_lora", 2)]
     assert all(r["test"]["n"] == 30 for r in report["runs"])
     assert (tmp_path / "demo" / "compare.md").read_text().strip() in out
+
+
+def test_vlm_example(tmp_path):
+    out = _run(
+        [sys.executable, EXAMPLES / "vlm.py", "--smoke", "--projector", "--out", tmp_path / "vlm"], tmp_path
+    )
+    assert "vision tower bit-identical: True" in out
+    _assert_stock_adapter(tmp_path / "vlm")
+
+
+def test_text_to_image_example(tmp_path):
+    """bf16 autocast through Accelerate, 2 micro-batches per optimizer step, a two-pass method; the
+    LoRA file reloads with load_lora_weights and reproduces the trained UNet (the script checks)."""
+    pytest.importorskip("diffusers")
+    args = ["--smoke", "--method", "lora_sam", "--mixed-precision", "bf16", "--grad-accum", "2"]
+    out = _run(
+        [sys.executable, EXAMPLES / "text_to_image_lora.py", *args, "--out", tmp_path / "lora"], tmp_path
+    )
+    assert "step   1  loss" in out and "2 optimizer steps" in out
+    assert "reloaded with load_lora_weights: max |difference| 0.00e+00" in out
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -284,13 +284,14 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 def attach(
     model: nn.Module, method: str | MethodConfig = "lora", *, total_steps: int | None = None, **overrides: Any
 ) -> Method:
-    """Attach a flatpeft method to a PEFT LoRA model.
+    """Attach a flatpeft method to a PEFT LoRA model or any module carrying PEFT LoRA layers.
 
     Call it before building the optimizer, then ``optimizer = Opt(method.parameters())`` and
     ``method.bind(optimizer)``.
 
     Args:
-        model: A ``peft.PeftModel`` with LoRA adapters (possibly wrapped by DDP).
+        model: A ``peft.PeftModel``, or any module with PEFT LoRA layers (diffusers' or Transformers'
+            ``add_adapter``, ``peft.inject_adapter_in_model``), possibly wrapped by DDP.
         method: A registry name (see :func:`flatpeft.list_methods`) or a config instance.
         total_steps: Number of optimizer steps of the run, for methods with a schedule over T
             (ignored by the others, so a loop can pass it whatever the method).
@@ -300,9 +301,10 @@ def attach(
         The attached :class:`Method`.
 
     Raises:
-        ValueError: unknown method or option, invalid option value, a model without LoRA layers, or
-            a model that already has a method attached.
-        TypeError: ``model`` is not a PEFT model.
+        ValueError: unknown method or option, invalid option value, a model without LoRA layers or
+            whose LoRA layers are disabled or run several adapters, a layer the method cannot perturb,
+            or a model that already has a method attached.
+        TypeError: ``model`` is neither a PEFT model nor a module with LoRA layers.
     """
     from .registry import get_method, make_config
 

@@ -124,7 +124,7 @@ def noisy_base_op(
         seed: Generator seed of this (step, layer).
         keep: Save ``W0 + ε`` for backward instead of regenerating it.
     """
-    if geo.kind == "conv2d":
+    if geo.kind == "conv":
         return _NoisyBase.apply(x, weight_rows, bias, row_std, geo, seed, keep)
     # A linear op on (..., n) inputs runs on the 2-D view, and the output is reshaped out here: an
     # output reshaped inside the autograd function would be a view that callers could not modify in

@@ -159,7 +159,7 @@ def expected_sharpness(
     passes per sample). The model is put in ``eval()`` mode and left bit-identical.
 
     Args:
-        model: A ``peft.PeftModel`` with LoRA adapters.
+        model: A ``peft.PeftModel`` or any module with PEFT LoRA layers (a diffusers UNet...).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; ``None`` means ``model(**batch).loss``.
         batches: The evaluation batches (read once into a list; ``L`` is the mean over them).
         sigma: Relative noise scale σ (Flat-LoRA's default 0.05).
@@ -227,7 +227,7 @@ def worst_case_sharpness(
     left bit-identical.
 
     Args:
-        model: A ``peft.PeftModel`` with LoRA adapters.
+        model: A ``peft.PeftModel`` or any module with PEFT LoRA layers (a diffusers UNet...).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; ``None`` means ``model(**batch).loss``.
         batches: The evaluation batches (read once into a list; ``L`` is the mean over them).
         rho: Radius ρ of the L2 ball (absolute, over every tensor of the space together).
@@ -311,7 +311,7 @@ def hessian_top_eigenvalue(
     left bit-identical.
 
     Args:
-        model: A ``peft.PeftModel`` with LoRA adapters.
+        model: A ``peft.PeftModel`` or any module with PEFT LoRA layers (a diffusers UNet...).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; ``None`` means ``model(**batch).loss``.
         batches: The evaluation batches (read once into a list; ``L`` is the mean over them).
         space: ``"full"`` (effective weights of the adapted layers) or ``"lora"`` (adapter factors).
@@ -376,7 +376,7 @@ def hessian_trace(
     model is put in ``eval()`` mode and left bit-identical.
 
     Args:
-        model: A ``peft.PeftModel`` with LoRA adapters.
+        model: A ``peft.PeftModel`` or any module with PEFT LoRA layers (a diffusers UNet...).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``; ``None`` means ``model(**batch).loss``.
         batches: The evaluation batches (read once into a list; ``L`` is the mean over them).
         space: ``"full"`` (effective weights of the adapted layers) or ``"lora"`` (adapter factors).

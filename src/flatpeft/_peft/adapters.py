@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -31,32 +32,41 @@ def _fork_devices() -> list[int]:
 def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[nn.Module]:
     """Add a LoRA adapter ``name`` of rank ``r`` on exactly the layers that carry ``primary``.
 
-    It goes through PEFT's own ``add_adapter`` (so ``peft_config``, saving filters and
-    ``delete_adapter`` know it), with the primary's ``lora_alpha``, ``fan_in_fan_out`` and
-    ``use_rslora``, no dropout, no bias, no DoRA and no ``modules_to_save`` (the base
-    ``PeftModel.add_adapter`` is called so that task models such as ``SEQ_CLS`` do not give the
-    auxiliary adapter its own classifier copy). The new adapter stays inactive; its parameters are
-    trainable. PEFT's initialisation draws from the global RNG, whose state is put back afterwards:
-    the caller re-initialises the factors from its own generator.
+    It goes through PEFT's own machinery (so ``peft_config``, saving filters and adapter deletion
+    know it), with the primary's ``lora_alpha``, ``fan_in_fan_out`` and ``use_rslora``, no dropout,
+    no bias, no DoRA and no ``modules_to_save``. On a ``PeftModel`` that is the base
+    ``PeftModel.add_adapter`` (so task models such as ``SEQ_CLS`` do not give the auxiliary adapter
+    its own classifier copy); on a module whose LoRA layers were injected without a wrapper (diffusers'
+    or Transformers' ``add_adapter``, ``peft.inject_adapter_in_model``) it is
+    ``peft.inject_adapter_in_model``, after which every LoRA layer's previously active adapters and
+    every parameter's ``requires_grad`` are put back (injection activates the new adapter). The new
+    adapter stays inactive; its parameters are trainable. PEFT's initialisation draws from the global
+    RNG, whose state is put back afterwards: the caller re-initialises the factors from its own generator.
 
     Returns:
         The LoRA layers carrying ``primary`` (now also carrying ``name``), in module order.
 
     Raises:
-        ValueError: if an adapter called ``name`` exists already.
+        ValueError: if an adapter called ``name`` exists already, or the module has no ``peft_config``
+            entry for ``primary`` to copy the auxiliary adapter's settings from.
     """
     from peft import LoraConfig, PeftModel
 
     inner = unwrap_model(model)
-    if name in inner.peft_config:
+    if _config_owner(inner, name) is not None:
         raise ValueError(f"the model already has an adapter named {name!r}; delete it or detach its method")
-    primary_config = inner.peft_config[primary]
-    cls = _lora_layer_class()
-    targets = [
-        key
-        for key, m in inner.base_model.model.named_modules()
-        if isinstance(m, cls) and (primary in m.lora_A or primary in m.lora_embedding_A)
-    ]
+    owner = _config_owner(inner, primary)
+    if owner is None:
+        raise ValueError(
+            f"the model has LoRA layers but no peft_config entry for adapter {primary!r}, so no auxiliary "
+            "adapter can be added next to it; add LoRA with peft.get_peft_model, model.add_adapter or "
+            "peft.inject_adapter_in_model, or pick a method without an auxiliary adapter"
+        )
+    primary_config = owner.peft_config[primary]
+    inner = owner  # a PeftModel, or the module add_adapter was called on (maybe inside a user's wrapper)
+    wrapped = isinstance(inner, PeftModel)
+    root = inner.base_model.model if wrapped else inner
+    targets = [key for key, _ in lora_layers(root, primary)]
     config = LoraConfig(
         r=r,
         lora_alpha=primary_config.lora_alpha,
@@ -67,7 +77,10 @@ def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[n
         bias="none",
     )
     with torch.random.fork_rng(devices=_fork_devices()):
-        PeftModel.add_adapter(inner, name, config)
+        if wrapped:
+            PeftModel.add_adapter(inner, name, config)
+        else:
+            _inject(inner, name, config)
     inner.__dict__.setdefault(AUX_MARK, set()).add(name)  # see prune_saved_adapters
     layers = [layer for _, layer in lora_layers(inner, primary)]
     for layer in layers:
@@ -79,12 +92,56 @@ def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[n
     return layers
 
 
+def _config_owner(model: nn.Module, adapter: str) -> nn.Module | None:
+    """The outermost module of ``model`` whose ``peft_config`` holds ``adapter`` (the ``PeftModel``, or
+    the module diffusers' / Transformers' ``add_adapter`` was called on), or ``None``."""
+    return next((m for m in model.modules() if adapter in (getattr(m, "peft_config", None) or {})), None)
+
+
+def _inject(model: nn.Module, name: str, config) -> None:
+    """``peft.inject_adapter_in_model`` on a module that already carries LoRA layers, leaving every
+    layer's active adapters and every parameter's ``requires_grad`` as they were."""
+    from peft import inject_adapter_in_model
+
+    cls = _lora_layer_class()
+    previous = [(m, list(m.active_adapters)) for m in model.modules() if isinstance(m, cls)]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*peft_config.*", category=UserWarning)
+        inject_adapter_in_model(config, model, adapter_name=name)
+    for layer, active in previous:
+        layer.set_adapter(active)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 def remove_aux_adapter(model: nn.Module, name: str) -> None:
     """Delete the auxiliary adapter ``name`` (no-op if it is gone); the active adapter is unchanged."""
-    inner = unwrap_model(model)
-    if name in inner.peft_config:
-        inner.delete_adapter(name)
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import delete_adapter
+
+    inner = _config_owner(unwrap_model(model), name)
+    if inner is None:
+        return
+    configs = inner.peft_config
     inner.__dict__.get(AUX_MARK, set()).discard(name)
+    if isinstance(inner, PeftModel):
+        inner.delete_adapter(name)
+        return
+    cls = _lora_layer_class()
+    previous = [
+        (m, [a for a in m.active_adapters if a != name]) for m in inner.modules() if isinstance(m, cls)
+    ]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was active which is now deleted.*", category=UserWarning)
+        delete_adapter(inner, name, prefix="lora_", layer_cls=cls)
+    del configs[name]
+    flags = [(p, p.requires_grad) for p in inner.parameters()]
+    for layer, active in previous:
+        if active:
+            layer.set_adapter(active)
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def aux_factors(layer: nn.Module, name: str) -> tuple[nn.Parameter, nn.Parameter]:

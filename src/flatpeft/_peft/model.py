@@ -37,22 +37,32 @@ def _lora_layer_class() -> type:
     return LoraLayer
 
 
+def _carries(layer: nn.Module, adapter: str) -> bool:
+    return adapter in layer.lora_A or adapter in layer.lora_embedding_A
+
+
 def check_peft_model(model: nn.Module) -> nn.Module:
-    """Validate that ``model`` is a PEFT model with unmerged LoRA layers; return the unwrapped model.
+    """Validate that ``model`` carries unmerged, active PEFT LoRA layers; return the unwrapped model.
+
+    ``model`` is a ``peft.PeftModel`` or any ``nn.Module`` whose LoRA layers were injected without a
+    wrapper: diffusers' ``add_adapter`` (UNets, diffusion transformers, text encoders), Transformers'
+    ``add_adapter`` or ``peft.inject_adapter_in_model``.
 
     Raises:
-        TypeError: if ``model`` is not a ``peft.PeftModel``.
-        ValueError: if it has no LoRA layers or its adapters are merged.
+        TypeError: if ``model`` is neither a ``peft.PeftModel`` nor a module with LoRA layers.
+        ValueError: if it has no LoRA layers, its LoRA layers are disabled or have no active adapter,
+            or its adapters are merged.
     """
     from peft import PeftModel
 
     inner = unwrap_model(model)
-    if not isinstance(inner, PeftModel):
-        raise TypeError(
-            f"flatpeft needs a peft.PeftModel with LoRA adapters, got {type(model).__name__}; "
-            "wrap your model first: model = peft.get_peft_model(model, peft.LoraConfig(...))"
-        )
     layers = [m for m in inner.modules() if isinstance(m, _lora_layer_class())]
+    if not layers and not isinstance(inner, PeftModel):
+        raise TypeError(
+            f"flatpeft needs a peft.PeftModel or a module with PEFT LoRA layers, got {type(model).__name__} "
+            "with none; add LoRA first: model = peft.get_peft_model(model, peft.LoraConfig(...)), or "
+            "model.add_adapter(peft.LoraConfig(...)) on a diffusers / Transformers model"
+        )
     if not layers:
         raise ValueError(
             "the model has no LoRA layers; create it with peft.get_peft_model(model, LoraConfig(...)) "
@@ -60,16 +70,38 @@ def check_peft_model(model: nn.Module) -> nn.Module:
         )
     if any(getattr(m, "merged", False) for m in layers):
         raise ValueError("the model has merged LoRA adapters; call model.unmerge_adapter() before attaching")
+    if all(m.disable_adapters for m in layers):
+        raise ValueError(
+            "the model's LoRA layers are disabled; enable them before attaching (model.enable_adapters() "
+            "on a diffusers / Transformers model, or leave the PeftModel.disable_adapter() block)"
+        )
+    if not any(_carries(m, a) for m in layers for a in m.active_adapters):
+        raise ValueError(
+            "no LoRA layer has an active adapter; activate the one to train with model.set_adapter(name)"
+        )
     return inner
 
 
 def active_adapter(model: nn.Module) -> str:
-    """Name of the single active adapter of a PEFT model."""
-    inner = unwrap_model(model)
-    active = inner.active_adapters if hasattr(inner, "active_adapters") else [inner.active_adapter]
+    """Name of the single adapter the model's LoRA layers run, read from the layers themselves (a
+    ``PeftModel`` and a module with injected layers alike; diffusers' ``active_adapters`` is a method).
+
+    Raises:
+        ValueError: if the enabled layers run no adapter or more than one.
+    """
+    active = {
+        a
+        for m in unwrap_model(model).modules()
+        if isinstance(m, _lora_layer_class()) and not m.disable_adapters
+        for a in m.active_adapters
+        if _carries(m, a)
+    }
     if len(active) != 1:
-        raise ValueError(f"flatpeft trains exactly one active adapter, the model has {list(active)}")
-    return active[0]
+        raise ValueError(
+            f"flatpeft trains exactly one active adapter, the model's LoRA layers run {sorted(active)}; "
+            "choose one with model.set_adapter(name)"
+        )
+    return active.pop()
 
 
 def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
@@ -77,7 +109,7 @@ def lora_layers(model: nn.Module, adapter: str) -> list[tuple[str, nn.Module]]:
     cls = _lora_layer_class()
     out = []
     for name, m in unwrap_model(model).named_modules():
-        if isinstance(m, cls) and (adapter in m.lora_A or adapter in m.lora_embedding_A):
+        if isinstance(m, cls) and _carries(m, adapter):
             out.append((name, m))
     return out
 
@@ -118,8 +150,8 @@ def prune_saved_adapters(output_dir: str, model: nn.Module, keep: str) -> None:
     import os
     import shutil
 
-    inner = unwrap_model(model)
-    for name in inner.__dict__.get(AUX_MARK, ()):
+    marked = set().union(*(m.__dict__.get(AUX_MARK, ()) for m in unwrap_model(model).modules()))
+    for name in sorted(marked):
         path = os.path.join(output_dir, name)
         if name != keep and os.path.isfile(os.path.join(path, "adapter_config.json")):
             shutil.rmtree(path)

@@ -34,10 +34,11 @@ class Geometry:
 
     ``rows`` are output features (filters): ``m`` of them, each with ``n`` = fan-in entries. Weights
     handed to :meth:`apply` are in this row layout, whatever the stored layout (GPT-2 ``Conv1D``
-    stores ``(in, out)``; ``Conv2d`` stores ``(out, in/groups, kh, kw)``).
+    stores ``(in, out)``; ``nn.Conv1d/2d/3d`` store ``(out, in/groups, *kernel)``: a row is one output
+    filter, ``n`` = in/groups × kernel volume).
     """
 
-    kind: str  # "linear" | "conv1d" (fan_in_fan_out) | "conv2d"
+    kind: str  # "linear" | "conv1d" (GPT-2 Conv1D / fan_in_fan_out) | "conv" (nn.Conv1d/2d/3d)
     m: int
     n: int
     base: nn.Module
@@ -50,23 +51,26 @@ class Geometry:
 
     def apply(self, x: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The base op with weight ``rows`` (``(m, n)``) instead of the stored weight."""
-        if self.kind == "conv2d":
+        if self.kind == "conv":
             b = self.base
-            return F.conv2d(x, rows.reshape(b.weight.shape), bias, b.stride, b.padding, b.dilation, b.groups)
+            conv = (F.conv1d, F.conv2d, F.conv3d)[b.weight.dim() - 3]
+            return conv(x, rows.reshape(b.weight.shape), bias, b.stride, b.padding, b.dilation, b.groups)
         return F.linear(x, rows, bias)
 
     def input_grad(self, grad_out: torch.Tensor, rows: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
         """Gradient of :meth:`apply` with respect to its input."""
-        if self.kind == "conv2d":
+        if self.kind == "conv":
             b = self.base
             w = rows.reshape(b.weight.shape)
-            return torch.nn.grad.conv2d_input(x_shape, w, grad_out, b.stride, b.padding, b.dilation, b.groups)
+            grad = torch.nn.grad
+            conv_input = (grad.conv1d_input, grad.conv2d_input, grad.conv3d_input)[w.dim() - 3]
+            return conv_input(x_shape, w, grad_out, b.stride, b.padding, b.dilation, b.groups)
         return grad_out @ rows
 
     def bias_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
         """Gradient of :meth:`apply` with respect to the bias."""
-        if self.kind == "conv2d":
-            return grad_out.sum(dim=(0, 2, 3))
+        if self.kind == "conv":
+            return grad_out.sum(dim=(0, *range(2, grad_out.dim())))
         return grad_out.reshape(-1, self.m).sum(0)
 
 
@@ -81,7 +85,8 @@ def geometry(layer: nn.Module) -> Geometry:
     """The :class:`Geometry` of a LoRA layer's base layer.
 
     Raises:
-        ValueError: for layer types flatpeft cannot perturb (embeddings, 3-D convolutions, ...).
+        ValueError: for layer types flatpeft cannot perturb (embeddings, convolutions with non-zero
+            padding modes or string padding, ...).
     """
     from transformers.pytorch_utils import Conv1D
 
@@ -90,15 +95,17 @@ def geometry(layer: nn.Module) -> Geometry:
     if isinstance(base, Conv1D) or (fifo and isinstance(base, nn.Linear)):
         in_f, out_f = base.weight.shape
         return Geometry("conv1d", out_f, in_f, base)
-    if isinstance(base, nn.Conv2d):
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if base.padding_mode != "zeros" or isinstance(base.padding, str):
-            raise ValueError(f"Conv2d with padding={base.padding!r}/{base.padding_mode!r} is not supported")
-        out_c = base.out_channels
-        return Geometry("conv2d", out_c, base.weight[0].numel(), base)
+            raise ValueError(
+                f"{type(base).__name__} with padding={base.padding!r}/{base.padding_mode!r} is not "
+                "supported; use numeric zero padding or exclude the layer from LoraConfig.target_modules"
+            )
+        return Geometry("conv", base.out_channels, base.weight[0].numel(), base)
     if isinstance(base, nn.Linear) or (hasattr(base, "in_features") and hasattr(base, "out_features")):
         return Geometry("linear", base.out_features, base.in_features, base)
     raise ValueError(
-        f"flatpeft can perturb LoRA layers on Linear, GPT-2 Conv1D and Conv2d modules, not "
+        f"flatpeft can perturb LoRA layers on Linear, GPT-2 Conv1D and Conv1d/2d/3d modules, not "
         f"{type(base).__name__}; exclude it from LoraConfig.target_modules"
     )
 
@@ -163,11 +170,11 @@ def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str) -> torch.
     """‖W'_i‖₂ for every row of W' = W0 + s·B·A, in fp32, without forming W'.
 
     ‖W'_i‖² = ‖W0_i‖² + 2s·⟨(W0·Aᵀ)_i, B_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ costs one read of W0 and one
-    (m·n·r) product instead of materialising B·A and W'. Conv2d layers and LoRA variants whose delta
+    (m·n·r) product instead of materialising B·A and W'. Convolutions and LoRA variants whose delta
     is not s·B·A of ``nn.Linear`` factors (DoRA, AdaLoRA's SVD factors) go through :func:`effective_rows`.
     """
     plain = isinstance(layer.lora_B[adapter], nn.Module) if adapter in layer.lora_B else False
-    if geo.kind == "conv2d" or adapter in getattr(layer, "lora_variant", {}) or not plain:
+    if geo.kind == "conv" or adapter in getattr(layer, "lora_variant", {}) or not plain:
         return effective_rows(layer, geo, adapter).norm(dim=1)
     s = scaling(layer, adapter)
     b = layer.lora_B[adapter].weight.float()

@@ -65,7 +65,8 @@ class FlatLoRAConfig(MethodConfig):
     scope: Literal["layers", "all"] = option(
         "layers",
         "Which weights get noise: the adapted layers' W' (paper) or all: also every other weight, "
-        "LayerNorm weights, biases and embeddings included (Flat-LoRA (all), Appendix C).",
+        "LayerNorm weights, biases and embeddings included, each entry with std σ_t·|w| "
+        "(Flat-LoRA (all), Appendix C).",
     )
 
     def validate(self) -> None:
@@ -173,15 +174,17 @@ class FlatLoRA(Method):
         return forward
 
     def _noisy(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``scope="all"``: p ↦ p + ε, rows of ε (dim 0; single entries of a vector) drawn as
-        N(0, (σ_t·‖p_i‖/√n)²), from the same per-(seed, step, index) generators as the layers."""
+        """``scope="all"``: p ↦ p + ε with ε entry-wise N(0, (σ_t·|p_ij|)²) (Flat-LoRA Appendix C: the
+        noise of a weight that is not adapted follows its magnitude entry by entry, whatever its stored
+        layout, so GPT-2 ``Conv1D``'s ``(in, out)`` storage needs no transposing), drawn from the same
+        per-(seed, step, index) generators as the layers."""
         seed, sigma = self._layer_seed(index), self.sigma_t()
 
         def make(p: torch.Tensor) -> torch.Tensor:
-            rows = p.detach().reshape(p.shape[0], -1)
-            n = rows.shape[1]
-            std = _peft.row_norms(rows).mul_(sigma / math.sqrt(n))
-            return p + filter_noise(std, n, seed).reshape(p.shape).to(p.dtype)
+            magnitude = p.detach().reshape(p.shape[0], -1).abs()
+            unit = magnitude.new_full((magnitude.shape[0],), sigma, dtype=torch.float32)
+            noise = filter_noise(unit, magnitude.shape[1], seed) * magnitude
+            return p + noise.reshape(p.shape).to(p.dtype)
 
         return make
 
