@@ -293,6 +293,16 @@ def _launch_torchrun(config_file: Path, nproc: int) -> int:
     return subprocess.run([*launcher, "-m", "flatpeft", "train", "--config", str(config_file)]).returncode
 
 
+def _nproc(value: Any) -> int:
+    """``--nproc`` (default 1) checked before anything is written: an integer >= 1."""
+    from ._train_config import check_type, coerce
+
+    nproc = 1 if value is None else check_type(int, coerce(int, value, "nproc"), "nproc")
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1 (processes per run; 1 without torchrun), got {nproc}")
+    return nproc
+
+
 def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
     """``flatpeft compare`` with resolved options (flags over the config file): run, print, exit code.
 
@@ -305,7 +315,7 @@ def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
     methods = options.pop("methods", None) or registered
     seeds = options.pop("seeds", None)
     seeds = [0, 1, 2] if seeds is None or seeds == [] else seeds
-    nproc = int(options.pop("nproc", None) or 1)
+    nproc = _nproc(options.pop("nproc", None))
     reference = options.pop("reference", None)
     out = str(options.pop("out", None) or "runs/compare")
     resume = bool(options.pop("resume", False))
