@@ -26,19 +26,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_rows(path: Path, rows: list[dict]) -> str:
+    """A CSV file of ``rows`` (the header from the first row's keys)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        csv.writer(f).writerows([list(rows[0]), *(row.values() for row in rows)])
     return str(path)
 
 
 @pytest.fixture
 def small_csv(tmp_path):
+    """30 rows, three classes told apart by their words."""
     words = {"pos": "good great love", "neg": "bad awful hate", "neu": "car road the"}
-    return write_rows(
-        tmp_path / "small.csv", [{"text": words[k], "label": k} for k in ["pos", "neg", "neu"] * 10]
-    )
+    return write_rows(tmp_path / "small.csv", [{"text": words[k], "label": k} for k in [*words] * 10])
 
 
 def run_cli(argv, capsys) -> tuple[int, str]:
@@ -140,6 +138,14 @@ def test_empty_test_and_validation_sets_skip_the_probe_with_a_reason(tmp_path, s
     assert "no test or validation examples" in metrics["sharpness_skipped"]
     with_test = train_lib.train({**options, "out": str(tmp_path / "run2"), "test_size": 6})
     assert with_test["sharpness"]["n_examples"] == 6 and "sharpness_skipped" not in with_test
+
+
+def test_compare_without_held_out_data_is_refused_before_training(tmp_path, capsys, small_csv):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "tiny", "--data", small_csv, "--methods", "lora", "--seeds", "0"]
+    code, err = run_cli([*argv, "--test-size", "0", "--val-size", "0", "--out", str(out)], capsys)
+    assert code == 2 and "compare scores every run on held-out data" in err and "--eval-data" in err
+    assert not out.exists()
 
 
 # -- data files -------------------------------------------------------------------------------------

@@ -212,6 +212,11 @@ def compare(
         prompt_column=base.prompt_column, response_column=base.response_column, val_size=base.val_size,
         test_size=base.test_size, train_size=base.train_size, seed=base.data_seed, eval_data=base.eval_data,
     )  # fmt: skip
+    if not (splits.test or splits.val or splits.eval_sets):
+        raise ValueError(
+            "compare scores every run on held-out data and this split has none (--test-size 0 --val-size 0): "
+            "set --test-size (e.g. 0.2) or --val-size, or pass --eval-data"
+        )
     root = Path(out)
     record: dict[str, Any] = {"options": options, "methods": list(methods), "seeds": seeds}
     if nproc > 1:
