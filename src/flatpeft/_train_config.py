@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from .config import MethodConfig
 from .registry import get_method, make_config
 
@@ -75,13 +77,11 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "number of optimizer steps (overrides --epochs)")
     batch_size: int = _opt(16, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    warmup: float = _opt(
-        0.06, "linear warm-up from lr 0: fraction of steps (< 1, rounded up) or number of steps"
-    )
+    warmup: float = _opt(0.06, "linear warm-up: fraction of steps (< 1) or number of steps")
     lr_scheduler: Literal["linear", "cosine", "constant"] = _opt(
         "linear",
-        "learning-rate schedule after the warm-up (transformers.get_scheduler): linear decay to 0, cosine "
-        "decay to 0 (Flat-LoRA's and Bi-LoRA's), or constant",
+        "learning-rate schedule after the warm-up, as Transformers' of that name: linear decay to 0, "
+        "cosine decay to 0 (Flat-LoRA's and Bi-LoRA's), or constant",
     )
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     seed: int = _opt(0, "seed of initialisation, data order, dropout and the method")
@@ -383,25 +383,28 @@ def resolve(options: dict[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict({**saved, **keep, "out": str(out), "resume": True})
 
 
-#: ``--lr-scheduler`` → the name ``transformers.get_scheduler`` knows (constant keeps the warm-up)
-SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
-
-
-def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
-    """The warm-up in optimizer steps: ``--warmup`` as a count (>= 1), or a fraction of ``total_steps``
-    rounded up (as the Trainer's ``warmup_ratio``)."""
-    return int(cfg.warmup) if cfg.warmup >= 1 else math.ceil(cfg.warmup * total_steps)
+#: ``--lr-scheduler``: the factor of the peak lr at step s >= w of T (w warm-up steps), written as
+#: Transformers writes the schedule of that name (``get_scheduler``; cosine: one half-wave)
+DECAYS = {
+    "linear": lambda s, w, t: max(0.0, (t - s) / max(1.0, t - w)),
+    "cosine": lambda s, w, t: max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((s - w) / max(1.0, t - w))))),
+    "constant": lambda s, w, t: 1.0,
+}
 
 
 def lr_scheduler(cfg: TrainConfig, optimizer: Any, total_steps: int) -> Any:
-    """The run's learning-rate schedule from ``transformers.get_scheduler``: a linear warm-up over
-    :func:`warmup_steps` steps, then ``cfg.lr_scheduler`` (linear or cosine decay to 0 at
-    ``total_steps``, or constant), the same curve the Trainer draws for ``lr_scheduler_type``."""
-    from transformers import get_scheduler
+    """The run's learning-rate schedule: a linear warm-up over ``w`` steps (``--warmup`` as a count, or
+    a fraction of ``total_steps``), the factor (s + 1)/(w + 1) at step s, so no step trains at lr 0;
+    then ``cfg.lr_scheduler``'s decay over the remaining ``total_steps - w`` steps: linear or cosine to 0
+    at ``total_steps``, or constant. After the warm-up the curve is Transformers' schedule of the same
+    name (the Trainer's ``lr_scheduler_type``; tested against ``transformers.get_scheduler``), whose
+    own warm-up starts at lr 0 instead."""
+    warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total_steps
+    decay = DECAYS[cfg.lr_scheduler]
 
-    return get_scheduler(
-        SCHEDULERS[cfg.lr_scheduler],
-        optimizer,
-        num_warmup_steps=warmup_steps(cfg, total_steps),
-        num_training_steps=total_steps,
-    )
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return decay(step, warmup, total_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
