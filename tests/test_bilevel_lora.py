@@ -612,8 +612,9 @@ def test_darts_releases_each_pass():
 
 @pytest.mark.parametrize("hypergradient", ["first_order", "darts"])
 def test_train_loop_reads_every_d1_example_once_per_epoch(tmp_path, monkeypatch, hypergradient):
-    """flatpeft train: first-order upper steps draw no D1 micro-batch, so one epoch of lower steps
-    covers D1 exactly once; the step count follows (T1 : T2 = 2 : 1 adds one upper step per two)."""
+    """flatpeft train: upper steps draw no micro-batch of the lower level's D1 stream (first-order reads
+    no D1 batch; darts reads its look-ahead batches from a D1 stream of its own), so one epoch of lower
+    steps covers D1 exactly once; the step count follows (T1 : T2 = 2 : 1 adds one upper step per two)."""
     import json
 
     from flatpeft import train as train_lib
@@ -621,7 +622,7 @@ def test_train_loop_reads_every_d1_example_once_per_epoch(tmp_path, monkeypatch,
     drawn = []
     real = train_lib.Stream.__getitem__
     monkeypatch.setattr(
-        train_lib.Stream, "__getitem__", lambda self, j: drawn.append((id(self), j)) or real(self, j)
+        train_lib.Stream, "__getitem__", lambda self, j: drawn.append((self.seed, j)) or real(self, j)
     )
     path = tmp_path / "d.jsonl"
     path.write_text(
@@ -632,16 +633,15 @@ def test_train_loop_reads_every_d1_example_once_per_epoch(tmp_path, monkeypatch,
     options |= {"method": "bilevel_lora", "method_options": {"lower_steps": 2, "upper_steps": 1}}
     options["method_options"]["hypergradient"] = hypergradient
     metrics = train_lib.train(options)
-    streams = list(dict.fromkeys(s for s, _ in drawn))
-    d1 = [j for s, j in drawn if s == streams[0]]
-    d2 = [j for s, j in drawn if s != streams[0]]
+    d1, d2, side = ([j for s, j in drawn if s == seed] for seed in (0, 1, 2))  # seed, seed + 1, seed + 2
     n1 = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["train"]["n"]
     micro = -(-n1 // 4)  # one epoch of D1 micro-batches
     upper = [s % 3 == 2 for s in range(metrics["steps"])]
-    reading = [not u or hypergradient == "darts" for u in upper]
-    assert sum(reading) == micro and reading[-1]  # the run ends when one epoch of D1 is read
+    lower = [not u for u in upper]
+    assert sum(lower) == micro and lower[-1]  # the run ends when the lower level has read D1 once
     assert d1 == list(range(micro))  # every D1 micro-batch once, none drawn and thrown away
     assert d2 == list(range(sum(upper)))
+    assert side == (list(range(sum(upper))) if hypergradient == "darts" else [])
 
 
 def test_upper_data_val_makes_the_validation_split_d2(tmp_path):

@@ -6,11 +6,14 @@ method.bind(optimizer)
 loss = method.backward(lambda: model(**batch).loss)   # instead of loss.backward()
 """
 
+from ._quiet import quiet_bitsandbytes_kernels
 from .config import MethodConfig
 from .method import Method, attach
 from .registry import get_method, list_methods, make_config, register
 
 __version__ = "0.1.0"
+
+quiet_bitsandbytes_kernels()  # peft imports bitsandbytes when installed, quantized or not
 
 
 _SHARPNESS = (

@@ -117,7 +117,9 @@ def sharpness(run: Run) -> dict[str, Any] | None:
 
     Every run draws the same noise (seed :data:`NOISE_SEED`, not the run's seed): runs of one
     comparison are measured with common random numbers, so their differences are paired draw by
-    draw. The result keeps every draw and the Monte-Carlo standard error."""
+    draw. The result keeps every draw and the Monte-Carlo standard error. Without a test or
+    validation example (``--test-size 0 --val-size 0``) the probe is skipped: the result is
+    ``{"skipped": reason}``, which ``metrics.json`` records as ``sharpness_skipped``."""
     try:
         from . import sharpness
     except ImportError:
@@ -125,6 +127,8 @@ def sharpness(run: Run) -> dict[str, Any] | None:
     if run.cfg.method == FULL or run.cfg.fsdp:
         return None  # measured on the adapted layers of an unsharded PEFT model
     examples = run.splits.test or run.splits.val
+    if not examples:  # the probe measures on held-out data, and there is none: say so, do not fail
+        return {"skipped": NO_HELD_OUT}
     size = run.cfg.eval_batch_size
     batches = [run.batch(examples[i : i + size]) for i in range(0, min(len(examples), 4 * size), size)]
     with run.precision.autocast():
@@ -151,3 +155,7 @@ def sharpness(run: Run) -> dict[str, Any] | None:
 
 
 NOISE_SEED = 0  # the sharpness probe's noise, the same for every run
+NO_HELD_OUT = (
+    "no test or validation examples (--test-size 0 --val-size 0): the probe measures on held-out data; "
+    "set --test-size or --val-size to measure it"
+)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from .config import MethodConfig
 from .registry import get_method, make_config
 
@@ -76,6 +78,11 @@ class TrainConfig:
     batch_size: int = _opt(16, "examples per micro-batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     warmup: float = _opt(0.06, "linear warm-up: fraction of steps (< 1) or number of steps")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = _opt(
+        "linear",
+        "learning-rate schedule after the warm-up, as Transformers' of that name: linear decay to 0, "
+        "cosine decay to 0 (Flat-LoRA's and Bi-LoRA's), or constant",
+    )
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     seed: int = _opt(0, "seed of initialisation, data order, dropout and the method")
     eval_batch_size: int = _opt(64, "examples per evaluation batch")
@@ -113,7 +120,7 @@ class TrainConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; known options: {', '.join(known)}")
-        typed = {k: coerce(hints[k], v, k) for k, v in values.items()}
+        typed = {k: check_type(hints[k], coerce(hints[k], v, k), k) for k, v in values.items()}
         if isinstance(typed.get("target_modules"), str):
             typed["target_modules"] = [typed["target_modules"]]
         if isinstance(typed.get("eval_data"), str):
@@ -147,6 +154,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
         if self.task not in ("classification", "causal-lm"):
             raise ConfigError(f"task must be classification or causal-lm, got {self.task!r}")
+        if self.task == "causal-lm" and self.max_length < 2:
+            raise ConfigError(
+                f"max_length={self.max_length} cannot hold a prompt token and a response token (causal-lm "
+                "trains on the response only); pass --max-length 2 or more (e.g. 256)"
+            )
+        if self.lr_scheduler not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"lr_scheduler must be linear, cosine or constant, got {self.lr_scheduler!r}")
         if self.chat_template not in ("auto", "none"):
             raise ConfigError(f"chat_template must be auto or none, got {self.chat_template!r}")
         if self.upper_data not in ("split", "val"):
@@ -203,6 +217,65 @@ def coerce(hint: Any, value: Any, name: str) -> Any:
     except ValueError:
         raise ConfigError(f"{name}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
     return value
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_type(hint: Any, value: Any, name: str) -> Any:
+    """``value`` (already through :func:`coerce`) if it has the type ``hint`` asks for, else a
+    ``ConfigError`` naming the option: a YAML/JSON ``batch_size: 2.5`` or ``progress: 1`` fails here,
+    before anything is read or written. An int is a number; a bool is neither an int nor a number."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return value
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is Literal:  # the config's own validation lists the choices
+        return value
+    if origin is list:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return value
+        raise ConfigError(f"{name} must be a string or a list of strings, got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{name} must be a mapping of option names to values, got {value!r}")
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        quote = " (quote it in a YAML file)" if hint is str else ""
+        raise ConfigError(
+            f"{name} must be {_TYPE_NAMES[hint]}{quote}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def check_model_limits(cfg: TrainConfig, model: Any, tokenizer: Any) -> None:
+    """Raise ``ConfigError`` when ``cfg.max_length`` exceeds what the model can embed: its
+    ``max_position_embeddings`` (or ``n_positions``), or the tokenizer's ``model_max_length`` when that is
+    a real limit (tokenizers without one report a huge sentinel). Called before anything is written."""
+    config = getattr(model, "config", None)
+    limits = {}
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            limits[f"the model's {key}"] = value
+            break
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**9:
+        limits["the tokenizer's model_max_length"] = value
+    for what, limit in limits.items():
+        if cfg.max_length > limit:
+            raise ConfigError(
+                f"max_length={cfg.max_length} is more than {what} ({limit}) of {cfg.model!r}; pass "
+                f"--max-length {min(limits.values())} or less"
+            )
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -308,3 +381,30 @@ def resolve(options: dict[str, Any]) -> TrainConfig:
         )
     keep = {k: given[k] for k in _RESUME_FREE if k in explicit}
     return TrainConfig.from_dict({**saved, **keep, "out": str(out), "resume": True})
+
+
+#: ``--lr-scheduler``: the factor of the peak lr at step s >= w of T (w warm-up steps), written as
+#: Transformers writes the schedule of that name (``get_scheduler``; cosine: one half-wave)
+DECAYS = {
+    "linear": lambda s, w, t: max(0.0, (t - s) / max(1.0, t - w)),
+    "cosine": lambda s, w, t: max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((s - w) / max(1.0, t - w))))),
+    "constant": lambda s, w, t: 1.0,
+}
+
+
+def lr_scheduler(cfg: TrainConfig, optimizer: Any, total_steps: int) -> Any:
+    """The run's learning-rate schedule: a linear warm-up over ``w`` steps (``--warmup`` as a count, or
+    a fraction of ``total_steps``), the factor (s + 1)/(w + 1) at step s, so no step trains at lr 0;
+    then ``cfg.lr_scheduler``'s decay over the remaining ``total_steps - w`` steps: linear or cosine to 0
+    at ``total_steps``, or constant. After the warm-up the curve is Transformers' schedule of the same
+    name (the Trainer's ``lr_scheduler_type``; tested against ``transformers.get_scheduler``), whose
+    own warm-up starts at lr 0 instead."""
+    warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total_steps
+    decay = DECAYS[cfg.lr_scheduler]
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return decay(step, warmup, total_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

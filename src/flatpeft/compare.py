@@ -247,6 +247,11 @@ def _compare(
         prompt_column=base.prompt_column, response_column=base.response_column, val_size=base.val_size,
         test_size=base.test_size, train_size=base.train_size, seed=base.data_seed, eval_data=base.eval_data,
     )  # fmt: skip
+    if not (splits.test or splits.val or splits.eval_sets):
+        raise ValueError(
+            "compare scores every run on held-out data and this split has none (--test-size 0 --val-size 0): "
+            "set --test-size (e.g. 0.2) or --val-size, or pass --eval-data"
+        )
     root = Path(out)
     record: dict[str, Any] = {"options": options, "methods": list(methods), "seeds": seeds}
     if nproc > 1:
@@ -410,6 +415,16 @@ def _run_child(argv: list[str]) -> int:
     return 128 - code if code < 0 else code
 
 
+def _nproc(value: Any) -> int:
+    """``--nproc`` (default 1) checked before anything is written: an integer >= 1."""
+    from ._train_config import check_type, coerce
+
+    nproc = 1 if value is None else check_type(int, coerce(int, value, "nproc"), "nproc")
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1 (processes per run; 1 without torchrun), got {nproc}")
+    return nproc
+
+
 def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
     """``flatpeft compare`` with resolved options (flags over the config file): run, print, exit code.
 
@@ -422,7 +437,7 @@ def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
     methods = options.pop("methods", None) or registered
     seeds = options.pop("seeds", None)
     seeds = [0, 1, 2] if seeds is None or seeds == [] else seeds
-    nproc = int(options.pop("nproc", None) or 1)
+    nproc = _nproc(options.pop("nproc", None))
     reference = options.pop("reference", None)
     out = str(options.pop("out", None) or "runs/compare")
     resume = bool(options.pop("resume", False))

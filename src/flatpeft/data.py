@@ -38,6 +38,7 @@ __all__ = [
     "Splits",
     "causal_lm_batch",
     "classification_batch",
+    "label_name",
     "load_examples",
     "load_rows",
     "load_splits",
@@ -134,19 +135,70 @@ def tweets_path() -> Path:
     return path
 
 
+#: Longest CSV field read (characters); Python's csv module stops at 131072 by default.
+CSV_FIELD_LIMIT = 2**31 - 1
+_BOMS = [  # byte-order marks, longest first (UTF-32-LE starts with UTF-16-LE's mark)
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xef\xbb\xbf", "utf-8-sig"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+]
+_ENCODING_FIX = (
+    "re-save it as UTF-8 (e.g. iconv -f <its encoding> -t UTF-8 {path} > fixed{suffix}; most editors and "
+    "pandas' to_csv/to_json write UTF-8)"
+)
+
+
+def _bom_encoding(path: Path) -> str | None:
+    """The encoding a byte-order mark at the start of ``path`` announces (``None``: no mark).
+
+    Raises:
+        DataError: NUL bytes in the first 4 KiB without a mark: UTF-16/32 without a BOM, or not text.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if b"\x00" in head:
+        raise DataError(
+            f"{path}: the file holds NUL bytes, so it is UTF-16/UTF-32 without a byte-order mark, or not "
+            "text; " + _ENCODING_FIX.format(path=path, suffix=path.suffix)
+        )
+    return None
+
+
 def _read_csv(path: Path, encoding: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a CSV/TSV file: in the encoding its byte-order mark names (UTF-8/16/32), else UTF-8, else
+    Latin-1 (``encoding`` forces one); fields of any length."""
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    for enc in [encoding] if encoding else ["utf-8-sig", "latin-1"]:
-        try:
-            with open(path, newline="", encoding=enc) as f:
-                return list(csv.DictReader(f, delimiter=delimiter))
-        except UnicodeDecodeError:
-            continue
-    raise DataError(f"{path}: cannot decode the file as UTF-8 or Latin-1")
+    bom = None if encoding else _bom_encoding(path)
+    limit = csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        for enc in [encoding or bom] if encoding or bom else ["utf-8-sig", "latin-1"]:
+            try:
+                with open(path, newline="", encoding=enc) as f:
+                    return list(csv.DictReader(f, delimiter=delimiter))
+            except UnicodeDecodeError:
+                continue
+    finally:
+        csv.field_size_limit(limit)
+    raise DataError(
+        f"{path}: cannot decode the file as {encoding or bom or 'UTF-8 or Latin-1'}; "
+        + _ENCODING_FIX.format(path=path, suffix=path.suffix)
+    )
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    encoding = _bom_encoding(path) or "utf-8"
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: not valid {encoding.upper()} (byte {e.start}: {e.reason}); JSON files must be UTF-8: "
+            + _ENCODING_FIX.format(path=path, suffix=path.suffix)
+        ) from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
@@ -186,7 +238,9 @@ def _read_hub(name: str) -> list[dict[str, Any]]:
         ) from e
     repo, _, subset = name.partition(":")
     try:
-        loaded = datasets.load_dataset(repo, subset or None)
+        # Never a loading script (code from the Hub): datasets 2.18-3.x honour trust_remote_code=False,
+        # later versions run no script at all and ignore it.
+        loaded = datasets.load_dataset(repo, subset or None, trust_remote_code=False)
     except Exception as e:
         raise DataError(
             f"could not load {name!r} as a local file or a Hugging Face dataset ({type(e).__name__}: {e}). "
@@ -242,6 +296,20 @@ def _column(rows: list[dict[str, Any]], name: str, option: str, source: str) -> 
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def label_name(value: Any) -> str:
+    """The class name of a label value: numbers are normalised (``1``, ``1.0`` and ``"1.00"`` are all
+    ``"1"``; ``0.5`` and ``"0.50"`` are ``"0.5"``), anything else is its text."""
+    if isinstance(value, bool):
+        return str(value)
+    try:
+        number = float(str(value).strip())
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return str(value)
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
@@ -302,7 +370,7 @@ def load_examples(
                 f"{source}: row {i + 1} has no value in label column {label_column or default_label!r}; "
                 "remove or fill the rows without a label"
             )
-    values = [str(v) for v in values]
+    values = [label_name(v) for v in values]
     if labels is None:
         labels = sorted(set(values), key=_sort_key)
         if len(labels) < 2:

@@ -92,7 +92,17 @@ class Method:
 
         Returns:
             The detached loss of the first pass.
+
+        Raises:
+            TypeError: ``loss_fn`` (or ``upper_loss_fn``) is a computed loss rather than a closure.
         """
+        for name, fn in [("loss_fn", loss_fn), *((k, v) for k, v in kwargs.items() if k.endswith("_fn"))]:
+            if not callable(fn):
+                raise TypeError(
+                    f"method.backward takes a closure that computes the loss, not the loss itself: {name} "
+                    f"is a {type(fn).__name__}. Pass method.backward(lambda: model(**batch).loss) (the "
+                    "method runs the forward pass itself, once per pass); do not call loss.backward() too"
+                )
         if not self._attached:
             raise RuntimeError("this method was detached; attach a new one with flatpeft.attach(...)")
         if not self._hooks and not self._warned_unbound:

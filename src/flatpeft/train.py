@@ -77,7 +77,9 @@ from ._train_config import (
     TrainConfig,
     _method_config,
     apply_method_spec,
+    check_model_limits,
     coerce,
+    lr_scheduler,
     parse_method_spec,
     resolve,
 )
@@ -167,13 +169,20 @@ def _data_used(cfg: TrainConfig) -> Any:
 
 
 def _steps_reading(cfg: TrainConfig, reading: int) -> int:
-    """The number of optimizer steps of which ``reading`` read the training set (BiLoRA's upper steps
-    do not: every D1 example reaches the lower level once per epoch, and the step count follows)."""
+    """The number of optimizer steps of which ``reading`` read the training set for the lower level
+    (BiLoRA's upper steps do not; darts' look-ahead batches come from a stream of their own: every D1
+    example reaches the lower level once per epoch, and the step count follows)."""
     used, steps, count = _data_used(cfg), 0, 0
     while count < reading:
-        count += used(steps)[0]
+        count += _reads_lower(used(steps))
         steps += 1
     return steps
+
+
+def _reads_lower(reads: tuple[bool, bool]) -> bool:
+    """Whether a step that reads ``(training batch, upper batch)`` trains on the lower-level stream
+    (a step reading both is a darts upper step: its training batch is the look-ahead one)."""
+    return reads[0] and not reads[1]
 
 
 def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
@@ -231,6 +240,7 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
     num_labels = max(len(splits.labels), 2)
     load_options = _scale.load_options(cfg, device)
     model, tokenizer = model_lib.load_model(cfg.model, cfg.task, num_labels, cfg.seed, **load_options)
+    check_model_limits(cfg, model, tokenizer)
     if "quantization_config" not in load_options:  # a quantized model is loaded onto the device
         model.to(device)  # before the method attaches, so its buffers and auxiliary adapters follow
     model = _scale.prepare_base(model, cfg)
@@ -271,14 +281,7 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
         torch.manual_seed(_rank_seed(cfg.seed, ranks.rank))  # other dropout masks on other data
     optimizer = torch.optim.AdamW(method.param_groups(cfg.weight_decay), lr=cfg.lr)
     method.bind(optimizer)
-    warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total_steps
-
-    def schedule(step: int) -> float:  # linear warm-up, then linear decay to 0
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = lr_scheduler(cfg, optimizer, total_steps)
     precision = Precision(cfg.precision, device, sharded=cfg.fsdp)
     return Run(
         cfg, splits, upper, model, tokenizer, method, optimizer, scheduler, total_steps, device, net, ranks,
@@ -381,9 +384,12 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks, lock: _runfolder.RunLock) 
 
     stream = Stream(run.splits.train, cfg.batch_size, cfg.seed)
     upper_stream = Stream(run.upper, cfg.batch_size, cfg.seed + 1) if run.upper else None
+    side_stream = Stream(run.splits.train, cfg.batch_size, cfg.seed + 2) if run.upper else None  # darts
     used = _data_used(cfg)
-    # Micro-batches drawn so far from each stream: only the steps that read a stream advance it.
-    drawn = [sum(used(s)[k] for s in range(start)) * cfg.grad_accum for k in (0, 1)]
+    # Micro-batches drawn so far from each stream (lower D1, D2, darts' look-ahead D1): only the steps
+    # that read a stream advance it.
+    kinds = (_reads_lower, lambda reads: reads[1], all)
+    drawn = [sum(kind(used(s)) for s in range(start)) * cfg.grad_accum for kind in kinds]
     stop = {"asked": 0}
     previous_handlers = {}
     if _main_thread():
@@ -418,8 +424,9 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks, lock: _runfolder.RunLock) 
             for _ in range(cfg.grad_accum):
                 loss_fn, extra = unread_loss, {}
                 if reads_train:  # (all of micro-batch j, 1.0) in one process
-                    examples, weight = ranks.shard(stream[drawn[0]])
-                    loss_fn, drawn[0] = _loss_fn(run, run.batch(examples), weight), drawn[0] + 1
+                    k = 2 if reads_upper and side_stream is not None else 0
+                    examples, weight = ranks.shard((side_stream if k else stream)[drawn[k]])
+                    loss_fn, drawn[k] = _loss_fn(run, run.batch(examples), weight), drawn[k] + 1
                 if upper_stream is not None:
                     upper_fn = unread_loss
                     if reads_upper:
@@ -534,7 +541,9 @@ def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> di
         metrics["skipped_steps"] = history.get("skipped", [])  # fp16 overflows
     if cfg.sharpness_samples:
         sharp = sharpness_of(run)
-        if sharp is not None:
+        if sharp is not None and "skipped" in sharp:  # no held-out data: the reason, not a value
+            metrics["sharpness_skipped"] = sharp["skipped"]
+        elif sharp is not None:
             metrics["sharpness"] = sharp
     if run.ranks.main:
         lines = [dumps({"set": name, **r}) for name, records in samples.items() for r in records]

@@ -39,10 +39,13 @@ Pitfalls handled here:
 - Weight decay would pull the perturbation towards 0: :meth:`BiLoRA.no_decay_parameters` lists the
   auxiliary factors (``FlatTrainer`` and ``param_groups`` put them in a group with decay 0; in a plain
   loop use ``AdamW(method.param_groups(wd), lr=...)``). They use the same learning rate as the primary.
-- Max-norm gradient clipping (``max_grad_norm``) is not in the paper: ``clip_parameters()`` leaves the
-  auxiliary (ascent) gradients out, so they neither count in the norm nor get rescaled
-  (``grad_clip_aux=True`` clips them with the rest). ``flatpeft train`` and ``FlatTrainer`` clip
-  ``clip_parameters()``; in a plain loop use ``clip_grad_norm_(method.clip_parameters(), max_norm)``.
+- Max-norm gradient clipping (``max_grad_norm``): the paper is silent on it, and the authors' code
+  trains with the Trainer's default, which clips all trainable gradients, the auxiliary ones included.
+  flatpeft's default is its own choice: ``clip_parameters()`` leaves the auxiliary (ascent) gradients
+  out, so they neither count in the norm nor get rescaled (the ascent step's size is bounded by the
+  branch-norm projection, not by the descent's clip); ``grad_clip_aux=True`` clips them with the rest,
+  as the authors' code does. ``flatpeft train`` and ``FlatTrainer`` clip ``clip_parameters()``; in a
+  plain loop use ``clip_grad_norm_(method.clip_parameters(), max_norm)``.
 - Clipping rescales the factors after ``optimizer.step()`` (step post-hook, once per optimizer step)
   and leaves the optimizer's state for them untouched, as in the paper.
 - The returned loss is the loss at the perturbed point, slightly above plain LoRA's training loss.
@@ -97,8 +100,9 @@ class BiLoRAConfig(MethodConfig):
     grad_clip_aux: bool = option(
         False,
         "Whether max-norm gradient clipping (clip_parameters(): flatpeft train, FlatTrainer) also covers "
-        "the negated auxiliary gradients; the paper clips nothing but the branch's norm, so by default "
-        "only the primary (descent) gradients are clipped.",
+        "the negated auxiliary gradients. The paper is silent on max-norm clipping and the authors' code "
+        "clips every trainable gradient (the Trainer's default; True here); flatpeft's default False, "
+        "its own choice, clips only the primary (descent) gradients.",
     )
     aux_lr: float | None = option(
         None,

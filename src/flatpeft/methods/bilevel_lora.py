@@ -49,7 +49,10 @@ Plain loop (the optimizer stays the user's; ``param_groups`` gives λ the learni
 
 Pitfalls. The level depends on the optimizer step counter only, so every micro-batch of a step trains
 the same level and gradient accumulation adds. A lower step never calls ``upper_loss_fn``; a
-first-order upper step never calls ``loss_fn`` (that D1 batch goes unused). The pre-step hook ``bind``
+first-order upper step never calls ``loss_fn`` (that D1 batch goes unused); a darts upper step's
+``loss_fn`` is the unrolled step's look-ahead D1 batch, which a loop draws from a D1 stream other than
+the lower level's (``flatpeft train`` and ``FlatTrainer`` do), so that every D1 example still reaches
+the lower level once per epoch. The pre-step hook ``bind``
 adds clears the idle level's gradients (so weight decay and momentum leave it alone: ``torch.optim``
 skips parameters without a gradient) and adds γ1·∇R once per optimizer step (after AMP unscaling,
 whatever the accumulation), so R is not in ``.grad`` right after ``backward``. ξ defaults to the bound

@@ -18,9 +18,11 @@ Implementation, O(r²(m + n)) per layer and no m×n matrix: A⁺ = Aᵀ(AAᵀ + 
 ‖ĝ‖_F² = Σ([∇B, B]ᵀ[∇B, B] ⊙ D·S·Dᵀ) and ĝ·A⁺ = [∇B, B]·D·S[:, :r]·K_A⁻¹.
 
 Pitfalls and decisions:
-- ρ schedule: the paper reduces ρ as training goes and its convergence result (Theorem 2) takes
-  ρ_t = ρ₀/√t, t = 1, 2, ...: the default ``rho_schedule="inv_sqrt"`` (ρ₀ on the first step).
-  ``constant`` and ``cosine`` are options.
+- ρ schedule: the default ``rho_schedule="inv_sqrt"``, ρ_t = ρ₀/√t for t = 1, 2, ... (ρ₀ on the first
+  step), is inferred from the assumption of the paper's convergence result (Theorem 2); the schedule
+  and ρ₀ of its experiments are not recoverable. Over a long run it leaves an average radius of a few
+  percent of ρ₀ (≈ 2/√T of it over T steps), so the method then acts almost like LoRA; ``constant``
+  (ρ on every step) and ``cosine`` are options.
 - The sign(·) printed in the paper's Ē_W is a typo: the direction is ĝ itself.
 - B = 0 (PEFT's initialisation) makes ∇A = 0, so the first term alone is used (c₁ = 1, c₂ = 0). "Near
   zero" is RMS(B) ≤ 1e-12 (``B_ZERO_RMS``): far below any trained B, high enough that BᵀB and its damped
@@ -65,8 +67,9 @@ class _FullSpaceConfig(MethodConfig):
     )
     rho_schedule: Literal["inv_sqrt", "constant", "cosine"] = option(
         "inv_sqrt",
-        "ρ_t over optimizer steps t = 1, 2, ...: inv_sqrt ρ/√t (paper, Theorem 2), constant ρ, or cosine "
-        "decay ρ·½(1+cos(π(t-1)/T)).",
+        "ρ_t over optimizer steps t = 1, 2, ...: inv_sqrt ρ/√t, constant ρ, or cosine decay "
+        "ρ·½(1+cos(π(t-1)/T)). The default inv_sqrt is inferred from Theorem 2's assumption (the schedule "
+        "and ρ₀ of the paper's experiments are not recoverable); it averages ≈ 2ρ/√T over T steps.",
     )
     total_steps: int | None = option(
         None, "T, total optimizer steps (needed by cosine; FlatTrainer sets it).", min=1
