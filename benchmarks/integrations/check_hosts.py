@@ -264,7 +264,7 @@ def main() -> int:
         )
         key = STRENGTH[method]
         if key is not None:
-            printed = re.findall(rf"'{key}': ([0-9.eE+-]+)", log)
+            printed = re.findall(rf"'{key}': '?([0-9.eE+-]+)", log)  # axolotl prints values as strings
             report.check(
                 len(printed) >= STEPS, f"strength {key} in the host's printed logs, per step: {printed}"
             )
@@ -307,8 +307,11 @@ def main() -> int:
             report.check(False, f"{name} vs lora: a run is missing")
             continue
         a, b = adapters["lora"], adapters[name]
-        diff = max(float((a[k] - b[k]).abs().max()) for k in a) if a.keys() == b.keys() else float("nan")
-        verdict = "identical" if diff == 0 else f"max |diff| {diff:.3e}"
+        same_keys = a.keys() == b.keys()
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a) if same_keys else float("nan")
+        changed = sum(int((a[k] != b[k]).sum()) for k in a) if same_keys else -1
+        total = sum(a[k].numel() for k in a)
+        verdict = "identical" if diff == 0 else f"max |diff| {diff:.3e}, {changed} of {total} entries differ"
         want = "identical" if expect_equal else "different"
         report.check((diff == 0) == expect_equal, f"{name} vs lora: {verdict} (expected {want})")
     report.say()

@@ -66,8 +66,11 @@ def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[n
         use_rslora=primary_config.use_rslora,
         bias="none",
     )
+    flags = [(p, p.requires_grad) for p in inner.parameters()]
     with torch.random.fork_rng(devices=_fork_devices()):
         PeftModel.add_adapter(inner, name, config)
+    for p, flag in flags:  # PEFT <= 0.18 freezes the primary's modules_to_save (a classifier head) here
+        p.requires_grad_(flag)
     layers = [layer for _, layer in lora_layers(inner, primary)]
     for layer in layers:
         if name not in layer.lora_A and name not in layer.lora_embedding_A:
