@@ -192,10 +192,11 @@ def test_plugin_post_train_exports_through_the_hook():
 def test_plugin_is_an_axolotl_plugin_and_extends_axolotls_trainer():
     from axolotl.core.trainers import AxolotlTrainer
     from axolotl.integrations.base import BasePlugin, load_plugin
+    from axolotl.utils.dict import DictDefault
 
     plugin = load_plugin("flatpeft.integrations.axolotl.FlatPeftPlugin")
     assert isinstance(plugin, BasePlugin)
-    cls = plugin.get_trainer_cls(lora_cfg())
+    cls = plugin.get_trainer_cls(DictDefault(lora_cfg()))
     assert issubclass(cls, AxolotlTrainer) and issubclass(cls, FlatTrainerMixin)
 
 

@@ -45,6 +45,7 @@ RUNS = [
 ]
 STRENGTH = {"lora": None, "flat_lora": "sigma", "bi_lora": "rho"}
 STEPS = 2
+KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
 
 
 def make_fixtures(work: Path) -> None:
@@ -267,6 +268,12 @@ def main() -> int:
             printed = re.findall(rf"'{key}': '?([0-9.eE+-]+)", log)  # axolotl prints values as strings
             report.check(
                 len(printed) >= STEPS, f"strength {key} in the host's printed logs, per step: {printed}"
+            )
+        if args.host == "axolotl":  # axolotl prints its validated config: the fused kernels stay off
+            kernels = {k: re.findall(rf'"{k}": (true|false)', log) for k in KERNEL_KEYS}
+            report.check(
+                all(v and set(v) == {"false"} for v in kernels.values()),
+                f"axolotl's validated config has the fused LoRA kernels off: {kernels}",
             )
         losses = [entry["loss"] for entry in record.get("logs", []) if "loss" in entry]
         report.say(f"   logged losses: {losses}")
