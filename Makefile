@@ -82,6 +82,6 @@ LOWEST_TESTS ?= tests/test_api.py tests/test_contract.py tests/test_trainer.py t
 
 test-lowest:
 	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
-	$(LOWEST_VENV)/bin/python -m pip install --quiet $(LOWEST) pytest pyyaml datasets
+	$(LOWEST_VENV)/bin/python -m pip install --quiet $(LOWEST) pytest pyyaml datasets pydantic
 	$(LOWEST_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(LOWEST_VENV)/bin/python -m pytest -q $(LOWEST_TESTS)
