@@ -258,6 +258,32 @@ def run_sharpness(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- flatpeft llamafactory --------------------------------------------------------------------------
+
+
+def _configure_llamafactory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config_file", metavar="CONFIG.yaml", help="a LLaMA-Factory training config")
+    parser.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        metavar="KEY=VALUE",
+        help="overrides, as llamafactory-cli takes",
+    )
+
+
+@command(
+    "llamafactory",
+    "run LLaMA-Factory's training with the config's flatpeft_method / flatpeft_config",
+    _configure_llamafactory,
+)
+def run_llamafactory(args: argparse.Namespace) -> int:
+    """Run :func:`flatpeft.integrations.llamafactory.run` on the config file and its overrides."""
+    from .integrations import llamafactory
+
+    llamafactory.run([args.config_file, *args.overrides])
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------------------
 
 

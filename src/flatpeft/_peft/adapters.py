@@ -76,11 +76,14 @@ def add_aux_adapter(model: nn.Module, primary: str, name: str, r: int) -> list[n
         use_rslora=primary_config.use_rslora,
         bias="none",
     )
+    flags = [(p, p.requires_grad) for p in inner.parameters()]
     with torch.random.fork_rng(devices=_fork_devices()):
         if wrapped:
             PeftModel.add_adapter(inner, name, config)
         else:
             _inject(inner, name, config)
+    for p, flag in flags:  # PEFT <= 0.18 freezes the primary's modules_to_save (a classifier head) here
+        p.requires_grad_(flag)
     inner.__dict__.setdefault(AUX_MARK, set()).add(name)  # see prune_saved_adapters
     layers = [layer for _, layer in lora_layers(inner, primary)]
     for layer in layers:
