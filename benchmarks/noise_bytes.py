@@ -227,17 +227,16 @@ def noise_path(path: str):
     restore = None
     try:
         if path == "torch-cuda":
-            from flatpeft import perturb
+            from flatpeft import _noise
 
-            if hasattr(perturb, "_draw_dtype"):  # after the plain path: the dtype policy CUDA takes
-                restore = perturb._draw_dtype
-                perturb._draw_dtype = lambda device, dtype: dtype
+            restore = _noise._draw_dtype  # the dtype policy CUDA takes: z in the compute dtype
+            _noise._draw_dtype = lambda device, dtype: dtype
         yield
     finally:
         if restore is not None:
-            from flatpeft import perturb
+            from flatpeft import _noise
 
-            perturb._draw_dtype = restore
+            _noise._draw_dtype = restore
         if saved is None:
             os.environ.pop("FLATPEFT_NOISE_KERNEL", None)
         else:
