@@ -187,7 +187,8 @@ def noisy_rows(
     std = row_std.unsqueeze(1)
     if weight_rows is None:
         return torch.mul(z, std).to(dtype)
-    # addcmul computes in the widest of W0, std (fp32) and z: fp32, or fp64 for an fp64 weight.
+    if weight_rows.dtype == torch.float64:  # ε = std·z in fp32 as everywhere, added in fp64 (exact W0)
+        return torch.mul(z, std).double().add_(weight_rows).to(dtype)
     out = (
         workspace.get("out", (m, n), dtype, device)
         if workspace is not None and reuse_out
