@@ -13,6 +13,7 @@ measures how far. It lives in the benchmark, not in the library.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -20,7 +21,23 @@ from flatpeft import _peft
 from flatpeft.methods.flat_lora import FlatLoRA
 from flatpeft.perturb import filter_noise
 
-__all__ = ["InPlaceFlatLoRA", "drift", "exactness"]
+__all__ = ["InPlaceFlatLoRA", "TorchNoiseFlatLoRA", "drift", "exactness"]
+
+
+class TorchNoiseFlatLoRA(FlatLoRA):
+    """``flat_lora`` with the plain PyTorch noise path forced (``FLATPEFT_NOISE_KERNEL=torch``) during
+    its backward: on CUDA, the comparison row of the fused Triton kernel; elsewhere ``flat_lora`` itself."""
+
+    def _backward(self, loss_fn, backward_fn, **kwargs):
+        saved = os.environ.get("FLATPEFT_NOISE_KERNEL")
+        os.environ["FLATPEFT_NOISE_KERNEL"] = "torch"
+        try:
+            return super()._backward(loss_fn, backward_fn, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ["FLATPEFT_NOISE_KERNEL"]
+            else:
+                os.environ["FLATPEFT_NOISE_KERNEL"] = saved
 
 
 class InPlaceFlatLoRA(FlatLoRA):

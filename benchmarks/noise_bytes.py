@@ -16,7 +16,7 @@ Counting rule (what an op reads and writes):
   (``normal_``, ``uniform_``, ``fill_``, ``zero_``, ``copy_``'s destination, ``out=`` arguments);
   a returned alias of a mutated argument is not counted again;
 - a view (``t``, ``view``, ``detach``, ...) and an allocation (``empty``) move nothing;
-- CPU only: a pointwise op whose tensor operands differ in dtype casts each odd input into a
+- CPU only (the ``torch-cpu`` path): a pointwise op whose tensor operands differ in dtype casts each odd input into a
   temporary of the computation dtype and computes into a temporary it then copies to an output of
   another dtype (TensorIterator does this on CPU; CUDA kernels cast while loading, so they don't).
   Those hidden copies are added: an odd input costs ``in + 2·common`` bytes per element instead of
@@ -30,7 +30,9 @@ Noise paths (``--paths``):
   executed on CPU with the CUDA counting rule (no hidden casts): the ops and sizes a GPU dispatches;
 - ``triton``: the fused kernel (``flatpeft._noise_triton``, run by Triton's CPU interpreter here),
   dispatched as the custom op ``flatpeft::noisy_rows`` and counted by its operands: it reads W0 and
-  the row scales and writes W0 + ε (the Philox words stay in registers).
+  the row scales and writes W0 + ε (the Philox words stay in registers); CUDA counting rule.
+
+With ``--device cuda`` the ``torch-cuda`` and ``triton`` paths run on the GPU for real.
 
 Row norms are part of the count (they are per-step work). The first (warm-up) step is not counted;
 the counted step is the next optimizer step, so nothing cached for a step is reused.
@@ -56,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Ops that overwrite their mutated argument without reading it.
@@ -158,7 +161,7 @@ class _Layer(nn.Module):
         return self.lin(x)
 
 
-def build(spec: str, precision: str, m: int, n: int, seed: int = 0):
+def build(spec: str, precision: str, m: int, n: int, seed: int = 0, device: str = "cpu"):
     """One adapted linear layer with ``spec`` attached (σ > 0 from the counted step on)."""
     import peft
 
@@ -172,7 +175,7 @@ def build(spec: str, precision: str, m: int, n: int, seed: int = 0):
         base = base.to(torch.bfloat16)
     for p in base.parameters():
         p.requires_grad_(False)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["lin"]))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["lin"])).to(device)
     with torch.no_grad():
         model.base_model.model.lin.lora_B["default"].weight.normal_(0, 0.02)
     fields = {f for f, *_ in flatpeft.get_method(name).config_class.describe()}
@@ -188,14 +191,17 @@ def build(spec: str, precision: str, m: int, n: int, seed: int = 0):
     return model, method
 
 
-def count(spec: str, precision: str, m: int, n: int, tokens: int, cpu_casts: bool) -> dict:
+def count(
+    spec: str, precision: str, m: int, n: int, tokens: int, cpu_casts: bool, device: str = "cpu"
+) -> dict:
     """Bytes and draws of one counted training step (forward + backward) of ``spec``."""
-    model, method = build(spec, precision, m, n)
+    model, method = build(spec, precision, m, n, device=device)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, n, generator=gen).requires_grad_(True)  # a layer inside a network
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    )
+    # A layer inside a network: its input needs a gradient, and in bf16 it is a bf16 activation.
+    x = torch.randn(tokens, n, generator=gen).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    x = x.to(device).requires_grad_(True)
+    kind = torch.device(device).type
+    autocast = torch.autocast(kind, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     def loss_fn():
         with autocast:
@@ -220,17 +226,20 @@ def count(spec: str, precision: str, m: int, n: int, tokens: int, cpu_casts: boo
 
 
 @contextlib.contextmanager
-def noise_path(path: str):
+def noise_path(path: str, device: str = "cpu"):
     """Select the noise path ``path`` for the block (see the module docstring)."""
     saved = os.environ.get("FLATPEFT_NOISE_KERNEL")
     os.environ["FLATPEFT_NOISE_KERNEL"] = "triton" if path == "triton" else "torch"
     restore = None
     try:
-        if path == "torch-cuda":
-            from flatpeft import _noise
-
-            restore = _noise._draw_dtype  # the dtype policy CUDA takes: z in the compute dtype
-            _noise._draw_dtype = lambda device, dtype: dtype
+        if path == "torch-cuda" and torch.device(device).type == "cpu":
+            try:
+                from flatpeft import _noise
+            except ImportError:  # code from before the plain path: one dtype policy everywhere
+                _noise = None
+            if _noise is not None:
+                restore = _noise._draw_dtype  # the dtype policy CUDA takes: z in the compute dtype
+                _noise._draw_dtype = lambda device, dtype: dtype
         yield
     finally:
         if restore is not None:
@@ -249,15 +258,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--label", default="after", help="row label, e.g. before / after")
     parser.add_argument("--m", type=int, default=1024, help="rows (out features) of the adapted layer")
-    parser.add_argument("--n", type=int, default=512, help="fan-in of the adapted layer")
-    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--n", type=int, default=1024, help="fan-in of the adapted layer")
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--precisions", nargs="*", default=["bf16", "fp32"])
     parser.add_argument("--paths", nargs="*", default=["torch-cpu", "torch-cuda", "triton"])
     parser.add_argument("--methods", nargs="*", default=None, help="default: flat_lora rows + every method")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, or cuda: the paths torch-cuda and triton for real"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if torch.device(args.device).type != "cpu" and "torch-cpu" in args.paths:
+        parser.error("--paths torch-cpu needs --device cpu")
     warnings.filterwarnings("ignore", message=".*no optimizer is bound")  # one step, no optimizer
-    if "triton" in args.paths:
+    if "triton" in args.paths and torch.device(args.device).type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: CPU interpreter
     import flatpeft
 
@@ -267,13 +281,17 @@ def main(argv: list[str] | None = None) -> dict:
     rows, errors = [], {}
     for path in args.paths:
         for precision in args.precisions:
-            with noise_path(path):
-                base = count("lora", precision, args.m, args.n, args.tokens, path != "torch-cuda")
+            with noise_path(path, args.device):
+                base = count(
+                    "lora", precision, args.m, args.n, args.tokens, path != "torch-cuda", args.device
+                )
                 for spec in specs:
                     if path != "torch-cpu" and not spec.startswith("flat_lora"):
                         continue  # the other methods draw no weight noise: one path is enough
                     try:
-                        got = count(spec, precision, args.m, args.n, args.tokens, path != "torch-cuda")
+                        got = count(
+                            spec, precision, args.m, args.n, args.tokens, path != "torch-cuda", args.device
+                        )
                     except Exception as err:  # one failed row must not lose the others
                         errors[f"{spec}/{precision}/{path}"] = repr(err)
                         continue
@@ -301,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
                     )
     report = {
         "label": args.label,
+        "device": args.device,
+        "machine": machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "layer": {"m": args.m, "n": args.n, "tokens": args.tokens, "lora_rank": 8},
@@ -312,8 +332,37 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or RESULTS / f"noise-bytes-{args.label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown_table(report))
     print(f"written to {out}")
     return report
+
+
+def markdown_table(report: dict) -> str:
+    """Flat-LoRA rows: bytes per adapted weight per step beyond ``lora`` (draws in brackets)."""
+    paths = dict.fromkeys(r["path"] for r in report["rows"])
+    cols = [(p, prec) for p in paths for prec in ("bf16", "fp32")]
+    cols = [c for c in cols if any((r["path"], r["precision"]) == c for r in report["rows"])]
+    cells = {(r["method"], r["path"], r["precision"]): r for r in report["rows"]}
+    layer = report["layer"]
+    lines = [
+        f"Bytes read + written per adapted weight per step beyond `lora` ({report['label']}; normal "
+        f"draws per weight in brackets); one {layer['m']} × {layer['n']} layer, {layer['tokens']} tokens, "
+        f"{report['device']}",
+        "",
+        "| method | " + " | ".join(f"{p} {prec}" for p, prec in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for method in dict.fromkeys(r["method"] for r in report["rows"]):
+        if not method.startswith("flat_lora"):
+            continue
+        row = []
+        for c in cols:
+            cell = cells.get((method, *c))
+            row.append(
+                "–" if cell is None else f"{cell['bytes_per_weight']:.1f} ({cell['draws_per_weight']:.0f})"
+            )
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
