@@ -16,9 +16,9 @@ Counting rule (what an op reads and writes):
   (``normal_``, ``uniform_``, ``fill_``, ``zero_``, ``copy_``'s destination, ``out=`` arguments);
   a returned alias of a mutated argument is not counted again;
 - a view (``t``, ``view``, ``detach``, ...) and an allocation (``empty``) move nothing;
-- CPU only (the ``torch-cpu`` path): a pointwise op whose tensor operands differ in dtype casts each odd input into a
-  temporary of the computation dtype and computes into a temporary it then copies to an output of
-  another dtype (TensorIterator does this on CPU; CUDA kernels cast while loading, so they don't).
+- CPU only (the ``torch-cpu`` path): a pointwise op whose tensor operands differ in dtype casts each
+  odd input into a temporary of the computation dtype and computes into a temporary it then copies
+  to an output of another dtype (TensorIterator does this on CPU; CUDA kernels cast while loading).
   Those hidden copies are added: an odd input costs ``in + 2·common`` bytes per element instead of
   ``in``, an odd output ``2·common + out`` instead of ``out``;
 - normal draws: the elements written by ``normal_``/``randn`` and by flatpeft's Triton noise op.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import noise_bytes  # noqa: E402
+import noise_bytes
 
 
 def test_counting_rule_on_hand_made_ops():
