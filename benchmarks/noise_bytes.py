@@ -58,7 +58,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Ops that overwrite their mutated argument without reading it.
@@ -273,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=".*no optimizer is bound")  # one step, no optimizer
     if "triton" in args.paths and torch.device(args.device).type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: CPU interpreter
-    import flatpeft
+    from report import machine  # benchmarks/
+
+    import flatpeft  # after TRITON_INTERPRET: PEFT imports Triton
 
     specs = args.methods or [*SPECS, *(s for s in flatpeft.list_methods() if s not in SPECS)]
     specs = ["lora", *(s for s in specs if s != "lora")]
@@ -283,14 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
         for precision in args.precisions:
             with noise_path(path, args.device):
                 base = count(
-                    "lora", precision, args.m, args.n, args.tokens, path != "torch-cuda", args.device
+                    "lora", precision, args.m, args.n, args.tokens, path == "torch-cpu", args.device
                 )
                 for spec in specs:
                     if path != "torch-cpu" and not spec.startswith("flat_lora"):
                         continue  # the other methods draw no weight noise: one path is enough
                     try:
                         got = count(
-                            spec, precision, args.m, args.n, args.tokens, path != "torch-cuda", args.device
+                            spec, precision, args.m, args.n, args.tokens, path == "torch-cpu", args.device
                         )
                     except Exception as err:  # one failed row must not lose the others
                         errors[f"{spec}/{precision}/{path}"] = repr(err)
