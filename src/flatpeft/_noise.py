@@ -103,12 +103,12 @@ def standard_normal(
         gen.manual_seed(chunk_seed(seed, k))
         flat[k * CHUNK : (k + 1) * CHUNK].normal_(generator=gen)
 
-    workers = min(torch.get_num_threads(), chunks)
-    if workers <= 1:
+    threads = torch.get_num_threads()
+    if min(threads, chunks) <= 1:
         for k in range(chunks):
             fill(k)
     else:
-        list(_threads_pool(workers).map(fill, range(chunks)))
+        list(_threads_pool(threads).map(fill, range(chunks)))
     return out
 
 
