@@ -283,9 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     for path in args.paths:
         for precision in args.precisions:
             with noise_path(path, args.device):
-                base = count(
-                    "lora", precision, args.m, args.n, args.tokens, path == "torch-cpu", args.device
-                )
+                base = count("lora", precision, args.m, args.n, args.tokens, path == "torch-cpu", args.device)
                 for spec in specs:
                     if path != "torch-cpu" and not spec.startswith("flat_lora"):
                         continue  # the other methods draw no weight noise: one path is enough
