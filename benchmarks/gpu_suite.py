@@ -6,9 +6,16 @@ Runs, in this order, each as one ``overhead.py`` measurement in this process:
    the frozen bf16 weights are compared bit for bit, and the in-place control's drift is reported;
 2. the overhead table for llama-8b shapes (batch 4 × 1024), activation checkpointing off and on;
 3. the overhead table for llama-1b shapes (batch 8 × 1024), checkpointing off and on;
+   plus a ``torch.profiler`` table of one step of the Flat-LoRA rows on the first llama-8b run;
 4. the overhead table for Stable Diffusion 1.5 UNet shapes (batch 4, 64×64 latents, LoRA on the
    attention projections through diffusers' ``add_adapter``; needs diffusers);
-   plus a ``torch.profiler`` table of one step of the Flat-LoRA rows on the first llama-8b run.
+5. the bytes table (``noise_bytes.py``): bytes read + written per adapted weight per step beyond
+   ``lora``, counted over the ops a 4096 × 4096 layer's training step dispatches on the GPU, for the
+   fused Triton kernel and the plain PyTorch noise path (seconds).
+
+The Flat-LoRA rows compare the noise paths side by side: ``flat_lora`` and ``flat_lora[keep]`` take
+the fused Triton kernel on CUDA (when Triton imports), ``flat_lora[torch]`` the plain PyTorch path
+(its ``keep`` counterpart is in the bytes table), ``flat_lora[in-place]`` is the reference algorithm.
 
 Time budget (``--budget-s``, default 420 s so that gpu.sh, with interpreter start, CUDA
 initialisation and model builds around it, stays under 8 minutes on one H100/H200). Before running,
@@ -42,6 +49,7 @@ import time
 import traceback
 from pathlib import Path
 
+import noise_bytes
 import overhead
 import shapes
 import torch
@@ -59,6 +67,7 @@ PASS_COST = {
     "bilevel_lora[darts]": 1.6,
     "flat_lora": 1.1,
     "flat_lora[in-place]": 1.1,
+    "flat_lora[torch]": 1.1,
     "eflat_lora": 1.1,
 }
 BUILD_S = 15.0
@@ -70,7 +79,7 @@ TARGETS = {  # SPEC §5, GPU, llama-8b shapes: (time × lora, memory × lora or 
     "lora_sam": (2.05, None),
     "fm_lora": (2.05, None),
 }
-PROFILED = ["lora", "flat_lora", "flat_lora[keep]", "flat_lora[in-place]"]
+PROFILED = ["lora", "flat_lora", "flat_lora[keep]", "flat_lora[torch]", "flat_lora[in-place]"]
 
 
 def measurements(smoke: bool, exactness_steps: int) -> list[dict]:
@@ -183,6 +192,21 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
         summary["wall_s"] = round(time.monotonic() - started, 1)
         write(args.out_dir, summary, sections)
+    bytes_argv = ["--device", device, "--label", "gpu" if device == "cuda" else "smoke"]
+    bytes_argv += ["--m", "4096", "--n", "4096", "--tokens", "4096"] if device == "cuda" else []
+    bytes_argv += ["--m", "64", "--n", "64", "--tokens", "16"] if device == "cpu" else []
+    bytes_argv += ["--paths", "torch-cuda", *(["triton"] if device == "cuda" else ["torch-cpu"])]
+    bytes_argv += ["--methods", "lora", "flat_lora", "flat_lora[keep]", "flat_lora[in-place]"]
+    try:
+        counted = noise_bytes.main([*bytes_argv, "--out", str(args.out_dir / "noise-bytes.json")])
+    except Exception as err:  # the timing tables above are kept whatever happens here
+        traceback.print_exc()
+        summary["errors"]["noise-bytes"] = repr(err)
+    else:
+        summary["noise_bytes"] = counted["rows"]
+        sections.append(f"\n## noise bytes\n\n{noise_bytes.markdown_table(counted)}")
+    summary["wall_s"] = round(time.monotonic() - started, 1)
+    write(args.out_dir, summary, sections)
     return summary
 
 

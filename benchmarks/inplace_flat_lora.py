@@ -5,7 +5,10 @@ arXiv:2409.14396), written from its description: before the forward pass, draw f
 and add it to each adapted layer's frozen base weight in place; after the backward pass, draw the
 same ε again from its seed and subtract it. The noise is flatpeft's own definition (same σ_t
 schedule, row std σ_t·‖W'_i‖₂/√n with W' = W0 + s·B·A, same per-(seed, step, layer) generators),
-so the control and ``flat_lora`` train on the same ε and differ only in where ε is applied. Adding
+so the control and ``flat_lora`` train on the same ε and differ only in where ε is applied (on CPU,
+and on CUDA with ``FLATPEFT_NOISE_KERNEL=torch``; with the fused kernel, ``flat_lora`` draws the
+kernel's Philox stream while the control keeps ``torch.randn``, as the paper's trainer does: the
+same law, other draws). Adding
 and subtracting rounds in the weight's dtype, so the frozen weights drift; :func:`exactness`
 measures how far. It lives in the benchmark, not in the library.
 """
@@ -13,6 +16,7 @@ measures how far. It lives in the benchmark, not in the library.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -20,7 +24,23 @@ from flatpeft import _peft
 from flatpeft.methods.flat_lora import FlatLoRA
 from flatpeft.perturb import filter_noise
 
-__all__ = ["InPlaceFlatLoRA", "drift", "exactness"]
+__all__ = ["InPlaceFlatLoRA", "TorchNoiseFlatLoRA", "drift", "exactness"]
+
+
+class TorchNoiseFlatLoRA(FlatLoRA):
+    """``flat_lora`` with the plain PyTorch noise path forced (``FLATPEFT_NOISE_KERNEL=torch``) during
+    its backward: on CUDA, the comparison row of the fused Triton kernel; elsewhere ``flat_lora`` itself."""
+
+    def _backward(self, loss_fn, backward_fn, **kwargs):
+        saved = os.environ.get("FLATPEFT_NOISE_KERNEL")
+        os.environ["FLATPEFT_NOISE_KERNEL"] = "torch"
+        try:
+            return super()._backward(loss_fn, backward_fn, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ["FLATPEFT_NOISE_KERNEL"]
+            else:
+                os.environ["FLATPEFT_NOISE_KERNEL"] = saved
 
 
 class InPlaceFlatLoRA(FlatLoRA):

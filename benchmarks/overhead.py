@@ -44,7 +44,7 @@ from pathlib import Path
 import peft
 import shapes  # benchmarks/ (the script's folder)
 import torch
-from inplace_flat_lora import InPlaceFlatLoRA, exactness
+from inplace_flat_lora import InPlaceFlatLoRA, TorchNoiseFlatLoRA, exactness
 from report import machine, markdown_table
 
 import flatpeft
@@ -55,6 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
     "flat_lora[keep]": ("flat_lora", {"noise_memory": "keep"}),
     "flat_lora[in-place]": ("flat_lora", {}),
+    "flat_lora[torch]": ("flat_lora", {}),
     "bilevel_lora[darts]": ("bilevel_lora", {"hypergradient": "darts"}),
     "lora[2 passes]": ("lora", {}),
 }
@@ -62,7 +63,9 @@ VARIANTS = {
 # same batch accumulated) is the floor of every two-pass method on this machine; the in-place row is
 # the reference Flat-LoRA algorithm (noise added to the stored weights and subtracted afterwards).
 PASSES = {"lora[2 passes]": 2}
-CLASSES = {"flat_lora[in-place]": InPlaceFlatLoRA}
+# flat_lora[torch]: the plain PyTorch noise path forced, beside flat_lora's automatic choice (the
+# fused Triton kernel on CUDA; the same PyTorch path on CPU).
+CLASSES = {"flat_lora[in-place]": InPlaceFlatLoRA, "flat_lora[torch]": TorchNoiseFlatLoRA}
 # sam_full holds four fp32 tensors the size of every adapted weight during a step (zero probes,
 # their gradients, the copy first_pass_gradients reads, ε): 16 bytes per adapted weight.
 SAM_FULL_BYTES_PER_WEIGHT = 16

@@ -1,7 +1,16 @@
 """Shared fixtures."""
 
-import pytest
+import os
+
 import torch
+
+# The Triton noise kernel is tested on CPU by Triton's interpreter (tests/test_noise_kernel.py). The
+# switch must be on before anything imports Triton (PEFT does, through its integrations), so it is
+# set here, first, and only where no GPU could run the kernel for real.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
 
 import flatpeft
 

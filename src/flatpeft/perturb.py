@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ._noise import NoiseWorkspace, noisy_rows, standard_normal
 from ._peft import Geometry
 from ._sharded import sum_squares
 
@@ -54,11 +55,10 @@ def filter_noise(row_std: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     Args:
         row_std: ``(m,)`` fp32 standard deviation per row (output feature / filter).
         n: Entries per row (fan-in).
-        seed: Seed of the dedicated generator; the same seed regenerates the same noise.
+        seed: Seed of the dedicated generators; the same seed regenerates the same noise (the
+            streams per device are described in ``_noise``: on CPU, fixed chunks with one generator each).
     """
-    gen = torch.Generator(device=row_std.device)
-    gen.manual_seed(seed)
-    noise = torch.randn((row_std.shape[0], n), generator=gen, device=row_std.device, dtype=torch.float32)
+    noise = standard_normal((row_std.shape[0], n), seed, row_std.device, torch.float32)
     return noise.mul_(row_std.unsqueeze(1))
 
 
@@ -67,17 +67,20 @@ class _NoisyBase(torch.autograd.Function):
 
     With ``weight=None`` (a quantized base) it returns only ``op(x, ε)``, to be added to the
     base layer's own output. With ``keep=True`` the perturbed weight is saved for backward instead of
-    regenerated: one fewer Gaussian draw, one extra copy of the adapted weight until backward.
+    regenerated: one fewer Gaussian draw, one extra copy of the adapted weight until backward (only
+    when the input needs a gradient: otherwise backward never reads the weight). W0 + ε is built by
+    ``_noise.noisy_rows`` (the Triton kernel on CUDA, ``addcmul`` into reused buffers elsewhere).
     """
 
     @staticmethod
-    def forward(ctx, x, weight_rows, bias, row_std, geo: Geometry, seed: int, keep: bool):
+    def forward(ctx, x, weight_rows, bias, row_std, geo: Geometry, seed: int, keep: bool, workspace):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         w_dtype = dtype or (weight_rows.dtype if weight_rows is not None else x.dtype)
-        w = _make_rows(weight_rows, row_std, geo.n, seed, w_dtype)
+        keep = keep and ctx.needs_input_grad[0]
+        w = noisy_rows(weight_rows, row_std, geo.n, seed, w_dtype, workspace, reuse_out=not keep)
         ctx.geo, ctx.seed, ctx.keep, ctx.x_shape, ctx.x_dtype = geo, seed, keep, x.shape, x.dtype
         ctx.has_bias = bias is not None
-        ctx.w_dtype = w_dtype
+        ctx.w_dtype, ctx.workspace = w_dtype, workspace
         ctx.save_for_backward(w if keep else weight_rows, row_std)
         xin = x.to(w_dtype)
         b = None if bias is None else bias.to(w_dtype)
@@ -88,20 +91,15 @@ class _NoisyBase(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved, row_std = ctx.saved_tensors
         geo: Geometry = ctx.geo
-        w = saved if ctx.keep else _make_rows(saved, row_std, geo.n, ctx.seed, ctx.w_dtype)
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
+            w = saved
+            if not ctx.keep:
+                w = noisy_rows(saved, row_std, geo.n, ctx.seed, ctx.w_dtype, ctx.workspace, reuse_out=True)
             grad_x = geo.input_grad(grad_out.to(w.dtype), w, ctx.x_shape).to(ctx.x_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = geo.bias_grad(grad_out)
-        return grad_x, None, grad_b, None, None, None, None
-
-
-def _make_rows(weight_rows, row_std, n, seed, dtype) -> torch.Tensor:
-    noise = filter_noise(row_std, n, seed)
-    if weight_rows is not None:  # W0 + ε in fp32, or in fp64 for an fp64 weight (never rounded down)
-        noise = noise.to(torch.promote_types(noise.dtype, weight_rows.dtype)).add_(weight_rows)
-    return noise.to(dtype)
+        return grad_x, None, grad_b, None, None, None, None, None
 
 
 def noisy_base_op(
@@ -112,6 +110,7 @@ def noisy_base_op(
     row_std: torch.Tensor,
     seed: int,
     keep: bool = False,
+    workspace: NoiseWorkspace | None = None,
 ) -> torch.Tensor:
     """The base op at ``W0 + ε`` with filter-wise noise ε regenerated from ``seed`` (see ``_NoisyBase``).
 
@@ -123,13 +122,14 @@ def noisy_base_op(
         row_std: ``(m,)`` fp32 noise standard deviation per row.
         seed: Generator seed of this (step, layer).
         keep: Save ``W0 + ε`` for backward instead of regenerating it.
+        workspace: Reused buffers for the draws (CPU); ``None`` allocates fresh ones.
     """
     if geo.kind == "conv":
-        return _NoisyBase.apply(x, weight_rows, bias, row_std, geo, seed, keep)
+        return _NoisyBase.apply(x, weight_rows, bias, row_std, geo, seed, keep, workspace)
     # A linear op on (..., n) inputs runs on the 2-D view, and the output is reshaped out here: an
     # output reshaped inside the autograd function would be a view that callers could not modify in
     # place (PEFT's AdaLoRA layer adds its branch with ``result += ...``).
-    out = _NoisyBase.apply(x.reshape(-1, x.shape[-1]), weight_rows, bias, row_std, geo, seed, keep)
+    out = _NoisyBase.apply(x.reshape(-1, x.shape[-1]), weight_rows, bias, row_std, geo, seed, keep, workspace)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -166,12 +166,32 @@ def row_norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=1, dtype=wide).float()
 
 
-def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str) -> torch.Tensor:
+def _base_sq(layer: nn.Module, w0: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    """‖W0_i‖² in fp32, from ``cache`` while the stored weight is unchanged (same object, dtype,
+    device, shape and in-place version counter), else computed (and cached)."""
+    if cache is None:
+        return row_norms(w0).square_()
+    weight = layer.get_base_layer().weight
+    key = (id(weight), getattr(weight, "_version", None), w0.dtype, w0.device, tuple(w0.shape))
+    if cache.get("key") != key:
+        cache["key"], cache["value"] = key, row_norms(w0).square_()
+    return cache["value"]
+
+
+def effective_row_norms(
+    layer: nn.Module, geo: Geometry, adapter: str, cache: dict | None = None
+) -> torch.Tensor:
     """‖W'_i‖₂ for every row of W' = W0 + s·B·A, in fp32, without forming W'.
 
     ‖W'_i‖² = ‖W0_i‖² + 2s·⟨(W0·Aᵀ)_i, B_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ costs one read of W0 and one
     (m·n·r) product instead of materialising B·A and W'. Convolutions and LoRA variants whose delta
     is not s·B·A of ``nn.Linear`` factors (DoRA, AdaLoRA's SVD factors) go through :func:`effective_rows`.
+
+    Args:
+        cache: A dict the caller keeps per layer: ‖W0_i‖² (W0 is frozen) is then computed once and
+            reused while the stored weight is unchanged, so the per-step pass over W0 is the cross
+            term's W0·Aᵀ product alone. Call where the whole weight is at hand (inside the layer's
+            forward under FSDP2, where the weight is unsharded).
     """
     plain = isinstance(layer.lora_B[adapter], nn.Module) if adapter in layer.lora_B else False
     if geo.kind == "conv" or adapter in getattr(layer, "lora_variant", {}) or not plain:
@@ -180,7 +200,7 @@ def effective_row_norms(layer: nn.Module, geo: Geometry, adapter: str) -> torch.
     b = layer.lora_B[adapter].weight.float()
     a = layer.lora_A[adapter].weight.float()
     w0 = base_rows(layer, geo)
-    base_sq = row_norms(w0).square_()
+    base_sq = _base_sq(layer, w0, cache)
     cross = ((w0 @ a.t().to(w0.dtype)).float() * b).sum(1)
     quad = ((b @ (a @ a.t())) * b).sum(1)
     return (base_sq + 2 * s * cross + s * s * quad).clamp_min_(0).sqrt_()

@@ -17,7 +17,15 @@ the same ε (t only advances in the optimizer post-hook), and every DDP rank dra
 
 ``noise_memory="keep"`` saves ``W0 + ε`` from forward to backward instead of drawing it twice: one
 fewer Gaussian draw per layer and step (CPU ``randn`` is the bottleneck), at the cost of one extra
-copy of each adapted weight held until its backward runs.
+copy of each adapted weight held until its backward runs. ``keep_budget_gb`` caps that memory: the
+layers whose cumulative size (in layer order, at the compute dtype) fits are kept, the rest
+regenerate; both give bit-identical gradients.
+
+The noise path (``_noise``) moves as few bytes as it can: W0 + σ·z is one fused Triton pass on CUDA
+(Philox keyed by the (seed, t, layer) seed), one ``addcmul`` into reused buffers elsewhere, with the
+CPU draws split into fixed chunks drawn on every core. ‖W0_i‖² is computed once per layer (W0 is
+frozen) and only the LoRA terms of ‖W'_i‖² = ‖W0_i‖² + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖² are
+recomputed per step; the cross term is (W0·Aᵀ)_i·B_i, one read of W0.
 
 Pitfalls: T must be the number of *optimizer* steps (``FlatTrainer`` reads it from the Trainer; in a
 plain loop pass ``total_steps``); σ_t = 0 at t = 0 with the cosine ramp, so the first step is plain
@@ -34,6 +42,7 @@ from typing import Literal
 import torch
 
 from .. import _peft
+from .._noise import NoiseWorkspace
 from ..config import MethodConfig, option
 from ..method import Method
 from ..perturb import filter_noise, mix_seed, noisy_base_op, perturbed_parameters
@@ -62,6 +71,12 @@ class FlatLoRAConfig(MethodConfig):
     noise_memory: Literal["regenerate", "keep"] = option(
         "regenerate", "regenerate ε in backward (no extra memory) or keep W0+ε to backward (one draw fewer)."
     )
+    keep_budget_gb: float | None = option(
+        None,
+        "With noise_memory='keep': GB of W0+ε that may be held until backward; the layers that fit "
+        "(in order) keep, the rest regenerate. None: keep every layer.",
+        min=0.0,
+    )
     scope: Literal["layers", "all"] = option(
         "layers",
         "Which weights get noise: the adapted layers' W' (paper) or all: also every other weight, "
@@ -70,6 +85,11 @@ class FlatLoRAConfig(MethodConfig):
     )
 
     def validate(self) -> None:
+        if self.keep_budget_gb is not None and self.noise_memory != "keep":
+            raise ValueError(
+                "FlatLoRAConfig.keep_budget_gb applies to noise_memory='keep'; set noise_memory='keep' "
+                "or leave keep_budget_gb unset"
+            )
         if self.schedule != "constant" and self.total_steps is None and self.sigma > 0:
             raise ValueError(
                 f"FlatLoRAConfig.total_steps is required with schedule={self.schedule!r}; pass "
@@ -105,6 +125,23 @@ class FlatLoRA(Method):
         self._std_step = -1
         self._stds: list[torch.Tensor | None] = []
         self._others = self._other_weights() if self.config.scope == "all" else {}
+        self._base_sq: list[dict] = [{} for _ in self.layers]  # ‖W0_i‖², computed once per layer
+        self._workspace = NoiseWorkspace()
+        sizes = [geo.m * geo.n for geo in self.geos]
+        self._keep_prefix = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+
+    def _teardown(self) -> None:
+        self._workspace.clear()
+        super()._teardown()
+
+    def _keeps(self, index: int, dtype: torch.dtype) -> bool:
+        """Whether layer ``index`` keeps W0+ε to backward (``noise_memory="keep"`` within the budget)."""
+        c = self.config
+        if c.noise_memory != "keep":
+            return False
+        if c.keep_budget_gb is None:
+            return True
+        return self._keep_prefix[index] * dtype.itemsize <= c.keep_budget_gb * 1e9
 
     def _other_weights(self) -> dict[torch.nn.Module, dict[str, int]]:
         """``scope="all"``: every parameter but the LoRA factors and the adapted layers' own weights (their
@@ -145,7 +182,7 @@ class FlatLoRA(Method):
         if self._stds[index] is None:
             layer, geo = self.layers[index][1], self.geos[index]
             with torch.autocast(geo.base.weight.device.type, enabled=False):
-                norms = _peft.effective_row_norms(layer, geo, self.adapter)
+                norms = _peft.effective_row_norms(layer, geo, self.adapter, self._base_sq[index])
             self._stds[index] = norms.mul_(self.sigma_t() / math.sqrt(geo.n))
         return self._stds[index]
 
@@ -162,14 +199,18 @@ class FlatLoRA(Method):
     def _patch(self, index: int, layer):
         geo = self.geos[index]
         seed = self._layer_seed(index)
-        keep = self.config.noise_memory == "keep"
+        ws = self._workspace
 
         def forward(x, original):
             std = self._row_std(index)
             weight = _peft.dense_weight(layer)
+            dtype = (
+                torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+            )
+            keep = self._keeps(index, dtype or (weight.dtype if weight is not None else x.dtype))
             if weight is None:  # quantized base: add op(x, ε) to the base layer's own output
-                return original(x) + noisy_base_op(x, geo, None, None, std, seed, keep)
-            return noisy_base_op(x, geo, geo.rows(weight), _peft.base_bias(layer), std, seed, keep)
+                return original(x) + noisy_base_op(x, geo, None, None, std, seed, keep, ws)
+            return noisy_base_op(x, geo, geo.rows(weight), _peft.base_bias(layer), std, seed, keep, ws)
 
         return forward
 
