@@ -176,7 +176,6 @@ def test_gpu_plan_fits_the_budget_at_the_assumed_throughput():
         "llama-8b",
         "llama-8b",
         "llama-1b",
-        "llama-1b",
         "sd15-unet",
     ]
     assert total < 420.0
