@@ -17,22 +17,21 @@ The Flat-LoRA rows compare the noise paths side by side: ``flat_lora`` and ``fla
 the fused Triton kernel on CUDA (when Triton imports), ``flat_lora[torch]`` the plain PyTorch path
 (its ``keep`` counterpart is in the bytes table), ``flat_lora[in-place]`` is the reference algorithm.
 
-Time budget (``--budget-s``, default 420 s so that gpu.sh, with interpreter start, CUDA
-initialisation and model builds around it, stays under 8 minutes on one H100/H200). Before running,
-each measurement's time is estimated from FLOPs (``shapes.llama_cost``: 2·N·T per forward and per
-backward, one more forward with checkpointing, N = the weights a token meets, T = tokens per step)
-at an assumed ``--tflops`` (400 TFLOP/s: ~40 % of an H100/H200's dense bf16 peak, what eager
-Hugging Face LLaMA training reaches), times each method's passes per step (``PASS_COST``), times
-(rounds × steps + warm-up) steps, plus ``BUILD_S`` seconds per measurement for the random
-initialisation and the PEFT wrapping. At the 400 TFLOP/s assumption one LoRA step is 0.31 s
-(llama-8b, 4 × 1024, no checkpointing) and 0.47 s (with), 0.10 s for llama-1b (8 × 1024),
-and the whole suite about 370 s with the UNet row (less where sam_full is skipped). The budget is shared among the
-measurements in proportion to these estimates; each measurement then re-plans from its own warm-up
-step times (``overhead.py --budget-s``: fewer rounds, and the costliest methods skipped and listed if
-two rounds do not fit), so a slower GPU gives a shorter table, not an overrun. ``sam_full`` is
-skipped on llama-8b up front when its full-weight tensors (16 bytes per adapted weight: 112 GB) and
-the weights exceed 80 % of the GPU's memory: it is the small-model reference. Every result is
-written as soon as it is measured.
+Time budget (``--budget-s``, default 420 s so that gpu.sh, with interpreter start, CUDA initialisation
+and model builds around it, stays under 8 minutes on one H100/H200). Before running, each
+measurement's time is estimated from FLOPs (``shapes.llama_cost``: 2·N·T per forward and per backward,
+one more forward with checkpointing, N = the weights a token meets, T = tokens per step) at an assumed
+``--tflops`` (400 TFLOP/s: ~40 % of an H100/H200's dense bf16 peak, what eager Hugging Face LLaMA
+training reaches), times each method's passes per step (``PASS_COST``), times (rounds × steps +
+warm-up) steps, plus ``BUILD_S`` seconds per measurement for the random initialisation and the PEFT
+wrapping. At the 400 TFLOP/s assumption one LoRA step is 0.31 s (llama-8b, 4 × 1024, no checkpointing)
+and 0.47 s (with), 0.10 s for llama-1b (8 × 1024), and the whole suite about 370 s with the UNet row
+(less where sam_full is skipped). The budget is shared among the measurements in proportion to these
+estimates; each measurement then re-plans from its own warm-up step times (``overhead.py --budget-s``:
+fewer rounds, and the costliest methods skipped and listed if two rounds do not fit), so a slower GPU
+gives a shorter table, not an overrun. ``sam_full`` is skipped on llama-8b up front when its
+full-weight tensors (16 bytes per adapted weight: 112 GB) and the weights exceed 80 % of the GPU's
+memory: it is the small-model reference. Every result is written as soon as it is measured.
 
 ``--smoke`` runs the same code on CPU on ``llama-tiny`` shapes in seconds (what CI tests).
 
