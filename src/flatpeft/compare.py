@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _compare_plot, _compare_report
+from . import _compare_plot, _compare_report, _lmeval, eval_cli
 from . import data as data_lib
 from . import models as model_lib
 from . import train as train_lib
@@ -163,6 +163,7 @@ def compare(
     resume: bool = False,
     nproc: int = 1,
     reference: str | None = None,
+    lm_eval: eval_cli.EvalOptions | None = None,
 ) -> dict[str, Any]:
     """Train every method spec (sweeps expanded) with every seed on the same split, then summarise.
 
@@ -180,6 +181,8 @@ def compare(
         nproc: Processes per run.
         reference: Label or spec of the reference row (default: ``lora`` when it is a row, else the
             first row).
+        lm_eval: Also score every run with the LM Evaluation Harness (``flatpeft eval``); each task's
+            headline metric is a set of the summary (``lm-eval:<task>``), paired by seed.
 
     Returns:
         The report written to ``compare.json``, plus ``table`` (Markdown) and ``lines`` (one plain
@@ -199,6 +202,7 @@ def compare(
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     ref = _reference_row(rows, reference)
+    tasks = _lmeval.resolve_tasks(lm_eval.tasks, lm_eval.allow_code_execution) if lm_eval else None
     _scale.check_environment(base, nproc)
     plan = []
     for row in rows:
@@ -216,6 +220,8 @@ def compare(
     record: dict[str, Any] = {"options": options, "methods": list(methods), "seeds": seeds}
     if nproc > 1:
         record["nproc"] = nproc
+    if lm_eval:
+        record["lm_eval"] = eval_cli.describe(lm_eval)
     if root.exists() and any(root.iterdir()):
         if not resume:
             raise ValueError(
@@ -223,8 +229,9 @@ def compare(
             )
         marker = root / MARKER
         saved = json.loads(marker.read_text()) if marker.is_file() else None
-        same = {k: v for k, v in json.loads(json.dumps(record)).items() if k not in ("methods", "seeds")}
-        if saved is None or {k: v for k, v in saved.items() if k not in ("methods", "seeds")} != same:
+        free = ("methods", "seeds", "lm_eval")  # may change on --resume
+        same = {k: v for k, v in json.loads(json.dumps(record)).items() if k not in free}
+        if saved is None or {k: v for k, v in saved.items() if k not in free} != same:
             raise ValueError(f"--resume: {root} holds a comparison with other run options; use another --out")
         for row, seed, _ in plan:
             if (root / "runs" / folder_name(row, seed) / "metrics.json").is_file():
@@ -248,6 +255,11 @@ def compare(
                 continue
             _check_split(folder, splits.fingerprint)
         metrics = json.loads(metrics_file.read_text())
+        if tasks is not None:  # scored with these settings (reused when already), only these tasks
+            scored = eval_cli.ensure_scored(folder, lm_eval, tasks)[eval_cli.KEY]
+            metrics[eval_cli.KEY] = {name: scored[name] for name in tasks.names}
+        else:
+            metrics.pop(eval_cli.KEY, None)  # scores made elsewhere, with settings not checked here
         results.append({"label": row.label, "seed": seed, "dir": str(folder), **metrics})
     summary = _compare_report.summarise(results, rows, base.task, ref.label)
     report = {
@@ -309,13 +321,16 @@ def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
     reference = options.pop("reference", None)
     out = str(options.pop("out", None) or "runs/compare")
     resume = bool(options.pop("resume", False))
+    lm_eval = eval_cli.pop_compare_options(options)
     if isinstance(methods, str):
         methods = methods.split()
     if overwrite and Path(out).is_dir():
         if not (Path(out) / MARKER).is_file():
             raise ValueError(f"--overwrite: {out} is not a flatpeft comparison folder; remove it yourself")
         shutil.rmtree(out)
-    report = compare(options, list(methods), seeds, out, resume=resume, nproc=nproc, reference=reference)
+    report = compare(
+        options, list(methods), seeds, out, resume=resume, nproc=nproc, reference=reference, lm_eval=lm_eval
+    )
     print(report["table"])
     print()
     print("\n".join(report["lines"]))
