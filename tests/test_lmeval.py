@@ -118,6 +118,7 @@ def test_eval_writes_the_harness_results_and_its_number(tiny_run):
     assert score["metric"] == "exact_match" and score["filter"] == "final-number" and score["n"] == 4
     assert score["value"] == results["results"]["arith"]["exact_match,final-number"]
     assert score["settings"] == {"limit": 4, "num_fewshot": None, "max_gen_toks": 12}
+    assert score["n_shot"] == results["n-shot"]["arith"] == 0
     samples = [json.loads(line) for line in (run / "eval" / "arith.samples.jsonl").read_text().splitlines()]
     final = [s for s in samples if s["filter"] == "final-number"]
     assert [s["doc"]["question"] for s in final] == [p["question"] for p in arith.rows("test", 4)]
@@ -134,8 +135,12 @@ def test_the_headline_is_the_harness_score_of_hand_set_generations(tiny_run, tmp
 
     monkeypatch.setattr(HFLM, "generate_until", answers)
     run = Path(shutil.copytree(tiny_run["run"], tmp_path / "run"))
-    scores = eval_cli.evaluate_run(run, eval_cli.EvalOptions(tasks=("arith",), limit=6))
+    scores = eval_cli.evaluate_run(run, eval_cli.EvalOptions(tasks=("arith",), limit=6, num_fewshot=2))
     assert scores["arith"]["value"] == 0.5  # 3 of 6
+    assert scores["arith"]["n_shot"] == 2  # few-shot examples come from the disjoint train split
+    sample = json.loads((run / "eval" / "arith.samples.jsonl").read_text().splitlines()[0])
+    prompt = sample["arguments"][0][0]  # (context, generation options)
+    assert prompt.count("Question:") == 3 and "#### " in prompt
     results = _strict_json((run / "eval" / "arith.json").read_text())["results"]["arith"]
     assert results["exact_match,strict-match"] == 0.5 and results["exact_match,final-number"] == 0.5
     assert _strict_json((run / "metrics.json").read_text())["lm_eval"]["arith"]["value"] == 0.5

@@ -179,7 +179,8 @@ def run_harness(
 def headline(output: dict[str, Any], name: str) -> dict[str, Any] | None:
     """The first metric the harness reports for ``name`` (the task's first metric under its first
     filter, e.g. ``exact_match`` with ``final-number`` for ``arith``, ``exact_match`` with
-    ``strict-match`` for ``gsm8k``), its standard error and the number of examples scored; ``None``
+    ``strict-match`` for ``gsm8k``), its standard error, the number of examples scored and of
+    few-shot examples per prompt (``n_shot``); ``None``
     when the results have no number for ``name`` (a group without an aggregate)."""
     block = output.get("results", {}).get(name, {})
     for key, value in block.items():
@@ -194,6 +195,7 @@ def headline(output: dict[str, Any], name: str) -> dict[str, Any] | None:
             "value": float(value),
             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
             "n": n,
+            "n_shot": output.get("n-shot", {}).get(name),
         }
     return None
 
