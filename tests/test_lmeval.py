@@ -176,6 +176,28 @@ def test_the_base_model_is_scored_without_the_adapter(tiny_run, tmp_path):
     assert base != (run / "eval" / "arith.samples.jsonl").read_text()  # trained B != 0
 
 
+def test_the_run_is_loaded_in_its_precision_with_its_seeded_base(tmp_path, monkeypatch):
+    run = _train(tmp_path / "bf16", "--precision", "bf16", "--seed", "3")
+    seen = {}
+
+    def capture(model, tokenizer, tasks, name, **kwargs):
+        seen["dtype"] = model.get_base_model().model.layers[0].mlp.up_proj.base_layer.weight.dtype
+        seen["autocast"] = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        seen["base"] = model.get_base_model().lm_head.weight.float().clone()
+        raise ValueError("captured")  # stop before the harness runs: nothing is written
+
+    monkeypatch.setattr(_lmeval, "run_harness", capture)
+    before = _tree(run)
+    with pytest.raises(ValueError, match="captured"):
+        eval_cli.evaluate_run(run, eval_cli.EvalOptions(tasks=("arith",), limit=1))
+    assert seen["dtype"] == torch.bfloat16 and seen["autocast"] == torch.bfloat16
+    from flatpeft.models import load_model
+
+    expected = load_model("tiny", "causal-lm", seed=3)[0].lm_head.weight.to(torch.bfloat16).float()
+    assert torch.equal(seen["base"], expected)  # the base built from the run's seed
+    assert _tree(run) == before
+
+
 # -- refusals: a clear error, nothing written --------------------------------------------------------
 
 
@@ -258,5 +280,6 @@ def test_compare_eval_tasks_puts_the_harness_metric_in_the_paired_table(tmp_path
     table = (out / "compare.md").read_text()
     assert "Δ exact match (pt) (arith (lm-eval))" in table.splitlines()[0]
     assert "on arith (lm-eval)" in capsys.readouterr().out
+    assert (out / "compare.png").is_file() or pytest.importorskip("matplotlib") is None
     csv_sets = {key[1] for key in _compare_report.read_csv(out / "compare.csv")}
     assert "lm-eval:arith" in csv_sets
