@@ -258,6 +258,7 @@ def test_harness_sets_are_paired_by_seed_on_hand_set_runs():
     d = summary["rows"][1]["diff"]["lm-eval:arith"]["exact_match"]
     assert d["diffs"] == pytest.approx([0.05, 0.10, 0.05]) and d["mean"] == pytest.approx(0.2 / 3)
     assert _compare_report.set_metrics(summary, "lm-eval:arith") == ["exact_match"]
+    assert _compare_report.set_metrics(summary, "test") == ["loss"]  # no empty harness-only column
     line = _compare_report.console_lines(summary)[0]
     assert "+6.7 pt [" in line and "on arith (lm-eval)" in line
 

@@ -78,12 +78,15 @@ def _block(run: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def set_metrics(summary: dict[str, Any], name: str) -> list[str]:
-    """The metrics tabulated for set ``name``: every metric, but for a harness set only those some
-    run reports (its headline metric)."""
+    """The metrics tabulated for set ``name``: for a harness set those some run reports there (its
+    headline metric); for the others every metric but those that only harness sets report."""
     metrics = summary["metrics"]
-    if not name.startswith(HARNESS):
-        return metrics
-    return [m for m in metrics if any(v is not None for r in summary["rows"] for v in r["values"][name][m])]
+    sets = [name] if name.startswith(HARNESS) else [s for s in summary["sets"] if not s.startswith(HARNESS)]
+    return [
+        m
+        for m in metrics
+        if any(v is not None for r in summary["rows"] for s in sets for v in r["values"][s][m])
+    ]
 
 
 def _probe_se(a: dict[str, Any], b: dict[str, Any]) -> float | None:
