@@ -230,6 +230,9 @@ def test_every_shipped_config_parses(path):
     options = cli.load_config_file(str(path))
     methods = options.pop("methods", None) or [options.pop("method", "lora")]
     assert compare_lib.parse_seeds(options.pop("seeds", [0]))
+    from flatpeft import eval_cli
+
+    eval_cli.pop_compare_options(options)  # compare's --eval-* keys, validated
     skip = ("out", "resume", "reference")
     base = train_lib.TrainConfig.from_dict({k: v for k, v in options.items() if k not in skip})
     for row in compare_lib.expand_specs(methods):

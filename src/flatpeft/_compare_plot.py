@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._compare_report import POINTS, SHARP, TITLES, set_title
+from ._compare_report import POINTS, SHARP, TITLES, set_metrics, set_title
 from ._stats import t_quantile
 
 __all__ = ["plot_all"]
@@ -49,7 +49,7 @@ def plot_all(root: Path, summary: dict[str, Any]) -> list[Path]:
 
 
 def _panels(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(s, m) for s in summary["sets"] for m in summary["metrics"]]
+    return [(s, m) for s in summary["sets"] for m in set_metrics(summary, s)]
 
 
 def _unit(metric: str) -> str:

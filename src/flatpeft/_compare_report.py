@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .compare import Row
     from .train import TrainConfig
 
-__all__ = ["console_lines", "markdown", "metric_names", "read_csv", "summarise", "write_csv"]
+__all__ = ["console_lines", "markdown", "metric_names", "read_csv", "set_metrics", "summarise", "write_csv"]
 
 #: metrics in table order; the first one present in every run is the primary one
 ORDER = {
@@ -38,6 +38,11 @@ TITLES = {
     "perplexity": "perplexity",
 }
 POINTS = {"accuracy", "macro_f1", "exact_match", "token_accuracy"}  # fractions, differences in points
+#: A set named ``lm-eval:<task>`` holds a run's LM Evaluation Harness headline for ``<task>`` (the
+#: ``lm_eval`` block of its metrics.json, written by ``flatpeft eval``).
+HARNESS = "lm-eval:"
+HARNESS_POINTS = {"acc", "acc_norm", "pass@1", "pass_at_1", "f1", "mcc", "bleu", "rouge1"}
+POINTS |= HARNESS_POINTS
 NOISY = 3  # the probe is "too noisy" when its standard error is above a third of the difference
 SHARP = "sharpness"
 
@@ -46,6 +51,7 @@ def metric_names(task: str, results: Sequence[dict[str, Any]]) -> list[str]:
     """The metrics to tabulate: those of ``ORDER[task]`` that any run reports on its test split (or
     any evaluation set), those that every run reports first, in ``ORDER``; then any others."""
     blocks = [r.get("test", {}) for r in results] + [b for r in results for b in r.get("eval", {}).values()]
+    blocks += [_harness_block(r, HARNESS + t) for r in results for t in r.get("lm_eval", {})]
     seen = [k for k in dict.fromkeys(k for b in blocks for k in b) if k != "n"]
     known = [m for m in ORDER.get(task, []) if m in seen] + [m for m in seen if m not in ORDER.get(task, [])]
     every = [m for m in known if results and all(m in r.get("test", {}) for r in results)]
@@ -59,8 +65,28 @@ def _stats(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
+def _harness_block(run: dict[str, Any], name: str) -> dict[str, Any]:
+    """``{metric: value}`` of a run's harness headline for set ``lm-eval:<task>``."""
+    entry = run.get("lm_eval", {}).get(name.removeprefix(HARNESS)) or {}
+    return {entry["metric"]: entry["value"]} if "metric" in entry else {}
+
+
 def _block(run: dict[str, Any], name: str) -> dict[str, Any]:
+    if name.startswith(HARNESS):
+        return _harness_block(run, name)
     return run.get("test", {}) if name == "test" else run.get("eval", {}).get(name, {})
+
+
+def set_metrics(summary: dict[str, Any], name: str) -> list[str]:
+    """The metrics tabulated for set ``name``: for a harness set those some run reports there (its
+    headline metric); for the others every metric but those that only harness sets report."""
+    metrics = summary["metrics"]
+    sets = [name] if name.startswith(HARNESS) else [s for s in summary["sets"] if not s.startswith(HARNESS)]
+    return [
+        m
+        for m in metrics
+        if any(v is not None for r in summary["rows"] for s in sets for v in r["values"][s][m])
+    ]
 
 
 def _probe_se(a: dict[str, Any], b: dict[str, Any]) -> float | None:
@@ -97,6 +123,7 @@ def summarise(
     """
     metrics = metric_names(task, results)
     sets = ["test", *dict.fromkeys(k for r in results for k in r.get("eval", {}))]
+    sets += [HARNESS + t for t in dict.fromkeys(k for r in results for k in r.get("lm_eval", {}))]
     by_label = {row.label: [r for r in results if r["label"] == row.label] for row in rows}
     ref_runs = {r["seed"]: r for r in by_label.get(reference, [])}
     out_rows = []
@@ -172,7 +199,10 @@ def summarise(
 
 
 def set_title(name: str) -> str:
-    """``"test"`` -> ``"test"``; an evaluation file -> its file name."""
+    """``"test"`` -> ``"test"``; an evaluation file -> its file name; ``lm-eval:arith`` -> ``arith
+    (lm-eval)``."""
+    if name.startswith(HARNESS):
+        return f"{name.removeprefix(HARNESS)} (lm-eval)"
     return name if name == "test" else Path(name).name or name
 
 
@@ -228,14 +258,13 @@ def markdown(summary: dict[str, Any], base: TrainConfig) -> str:
     rows = summary["rows"]
     if not rows:
         return "(no finished runs)"
-    metrics, sets, ref = summary["metrics"], summary["sets"], summary["reference"]
-    main = metrics[0]
+    sets, ref = summary["sets"], summary["reference"]
     probe = any(SHARP in r for r in rows)
     header = ["method", "seeds"]
     for name in sets:
-        where = set_title(name)
-        header.append(f"{TITLES.get(main, main)} ({where})")
-        header += [f"Δ {TITLES.get(m, m)}{' (pt)' if m in POINTS else ''} ({where})" for m in metrics]
+        where, ms = set_title(name), set_metrics(summary, name)
+        header.append(f"{TITLES.get(ms[0], ms[0])} ({where})")
+        header += [f"Δ {TITLES.get(m, m)}{' (pt)' if m in POINTS else ''} ({where})" for m in ms]
     if probe:
         header += ["sharpness ×10⁻³ (full, expected)", "Δ sharpness ×10⁻³"]
     header += ["wall s/step", "peak MB"]
@@ -243,8 +272,9 @@ def markdown(summary: dict[str, Any], base: TrainConfig) -> str:
     for row in rows:
         cells = [row["label"], str(row["n"])]
         for name in sets:
-            cells.append(_value_cell(row["stats"][name][main], main))
-            cells += [diff_cell(row["diff"][name].get(m), m) for m in metrics]
+            ms = set_metrics(summary, name)
+            cells.append(_value_cell(row["stats"][name][ms[0]], ms[0]))
+            cells += [diff_cell(row["diff"][name].get(m), m) for m in ms]
         if probe:
             cells += _sharpness_cells(row)
         wall, peak = row["seconds_per_step"]["mean"], row["peak_memory_mb"]["mean"]
@@ -287,16 +317,18 @@ def _correlation_line(c: dict[str, Any]) -> str:
 
 
 def _per_seed_table(summary: dict[str, Any]) -> list[str]:
-    metrics, sets = summary["metrics"], summary["sets"]
+    sets = summary["sets"]
     probe = any(SHARP in r for r in summary["rows"])
-    header = ["method", "seed", *(f"{TITLES.get(m, m)} ({set_title(s)})" for s in sets for m in metrics)]
+    header = ["method", "seed"]
+    header += [f"{TITLES.get(m, m)} ({set_title(s)})" for s in sets for m in set_metrics(summary, s)]
     header += ["sharpness ± probe SE"] if probe else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary["rows"]:
         for i, seed in enumerate(row["seeds"]):
             cells = [row["label"], str(seed)]
             for name in sets:
-                cells += ["–" if (v := row["values"][name][m][i]) is None else f"{v:.4f}" for m in metrics]
+                ms = set_metrics(summary, name)
+                cells += ["–" if (v := row["values"][name][m][i]) is None else f"{v:.4f}" for m in ms]
             if probe:
                 s = row.get(SHARP) or {}
                 v, e = (s.get("values") or [None] * (i + 1))[i], (s.get("stderr") or [None] * (i + 1))[i]
@@ -314,15 +346,15 @@ def console_lines(summary: dict[str, Any]) -> list[str]:
             continue
         parts = []
         for name in summary["sets"]:
-            d = row["diff"][name].get(main)
+            m = set_metrics(summary, name)[0] if name.startswith(HARNESS) else main
+            d = row["diff"][name].get(m)
             if not d:
                 continue
-            unit = " pt" if main in POINTS else ""
-            interval = (
-                f" [{_num(d['low'], main)}, {_num(d['high'], main)}]" if d["low"] is not None else " (1 seed)"
-            )
+            unit = " pt" if m in POINTS else ""
+            interval = " (1 seed)" if d["low"] is None else f" [{_num(d['low'], m)}, {_num(d['high'], m)}]"
             where = "in-domain" if name == "test" else f"on {set_title(name)}"
-            parts.append(f"{_num(d['mean'], main)}{unit}{interval} {where}")
+            what = f"{TITLES.get(m, m)} " if m != main else ""
+            parts.append(f"{what}{_num(d['mean'], m)}{unit}{interval} {where}")
         d = row.get("sharpness_diff")
         if d:
             noisy = " (probe too noisy to tell)" if d["noisy"] else ""

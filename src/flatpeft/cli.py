@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 -m flatpeft train --fsdp --precision bf16 --gradient-checkpointing ...
     flatpeft compare --methods lora flat_lora:sigma=0.05,0.1 --seeds 0-4  # paired differences, a sweep
     flatpeft sharpness --adapter runs/flat_lora-seed0  # flatness of a trained adapter, full vs LoRA space
+    flatpeft eval runs/lora-seed0 --tasks arith --limit 100  # LM Evaluation Harness scores of a run
 
 Each subcommand is a function ``run(args) -> exit code`` plus a function that adds its arguments,
 registered in :data:`COMMANDS` with :func:`command`; a new subcommand is one more registered pair.
@@ -225,6 +226,9 @@ def _configure_compare(parser: argparse.ArgumentParser) -> None:
         help="processes per run, started with torchrun --standalone (needed for --fsdp; default: 1)",
     )
     _add_run_options(parser, skip=compare_lib.SKIP)
+    from . import eval_cli
+
+    eval_cli.add_compare_arguments(parser)
 
 
 @command("compare", "train several methods x seeds on the same split; paired differences", _configure_compare)
@@ -282,6 +286,23 @@ def run_llamafactory(args: argparse.Namespace) -> int:
 
     llamafactory.run([args.config_file, *args.overrides])
     return 0
+
+
+# -- flatpeft eval --------------------------------------------------------------------------------
+
+
+def _configure_eval(parser: argparse.ArgumentParser) -> None:
+    from . import eval_cli
+
+    eval_cli.add_cli_arguments(parser)
+
+
+@command("eval", "score a run with the LM Evaluation Harness (arith, gsm8k, task.yaml ...)", _configure_eval)
+def run_eval(args: argparse.Namespace) -> int:
+    """Run :func:`flatpeft.eval_cli.evaluate_run` on ``args.run_dir``; print each task's headline."""
+    from . import eval_cli
+
+    return eval_cli.run_eval_cli(args)
 
 
 # -- entry point ----------------------------------------------------------------------------------

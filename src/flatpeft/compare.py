@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _compare_plot, _compare_report, _runfolder
+from . import _compare_plot, _compare_report, _lmeval, _runfolder, eval_cli
 from . import data as data_lib
 from . import models as model_lib
 from . import train as train_lib
@@ -174,6 +174,7 @@ def compare(
     nproc: int = 1,
     reference: str | None = None,
     overwrite: bool = False,
+    lm_eval: eval_cli.EvalOptions | None = None,
 ) -> dict[str, Any]:
     """Train every method spec (sweeps expanded) with every seed on the same split, then summarise.
 
@@ -193,6 +194,8 @@ def compare(
             first row).
         overwrite: Delete an earlier comparison in ``out`` once everything is checked (not with
             ``resume``; a folder that is not a comparison is never deleted).
+        lm_eval: Also score every run with the LM Evaluation Harness (``flatpeft eval``); each task's
+            headline metric is a set of the summary (``lm-eval:<task>``), paired by seed.
 
     Returns:
         The report written to ``compare.json``, plus ``table`` (Markdown) and ``lines`` (one plain
@@ -204,7 +207,7 @@ def compare(
     """
     lock = _runfolder.RunLock(out)  # taken once everything is checked (see _compare), held to the end
     try:
-        return _compare(options, methods, seeds, out, resume, nproc, reference, overwrite, lock)
+        return _compare(options, methods, seeds, out, resume, nproc, reference, overwrite, lock, lm_eval)
     finally:
         lock.release()
 
@@ -219,6 +222,7 @@ def _compare(
     reference: str | None,
     overwrite: bool,
     lock: _runfolder.RunLock,
+    lm_eval: eval_cli.EvalOptions | None,
 ) -> dict[str, Any]:
     """:func:`compare`, with ``out`` claimed by ``lock`` once every input is checked."""
     from . import _scale
@@ -233,6 +237,7 @@ def _compare(
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     ref = _reference_row(rows, reference)
+    tasks = _lmeval.resolve_tasks(lm_eval.tasks, lm_eval.allow_code_execution) if lm_eval else None
     _scale.check_environment(base, nproc)
     plan = []
     for row in rows:
@@ -256,6 +261,8 @@ def _compare(
     record: dict[str, Any] = {"options": options, "methods": list(methods), "seeds": seeds}
     if nproc > 1:
         record["nproc"] = nproc
+    if lm_eval:
+        record["lm_eval"] = eval_cli.describe(lm_eval)
     if overwrite and root.is_dir():  # only now, after every check, and with the folder claimed
         if not (root / MARKER).is_file():
             raise ValueError(f"--overwrite: {out} is not a flatpeft comparison folder; remove it yourself")
@@ -272,8 +279,9 @@ def _compare(
             )
         marker = root / MARKER
         saved = json.loads(marker.read_text()) if marker.is_file() else None
-        same = {k: v for k, v in json.loads(dumps(record)).items() if k not in ("methods", "seeds")}
-        if saved is None or {k: v for k, v in saved.items() if k not in ("methods", "seeds")} != same:
+        free = ("methods", "seeds", "lm_eval")  # may change on --resume
+        same = {k: v for k, v in json.loads(dumps(record)).items() if k not in free}
+        if saved is None or {k: v for k, v in saved.items() if k not in free} != same:
             raise ValueError(f"--resume: {root} holds a comparison with other run options; use another --out")
         for row, seed, cfg in plan:
             if (root / "runs" / folder_name(row, seed) / "metrics.json").is_file():
@@ -306,6 +314,11 @@ def _compare(
             _check_split(folder, splits.fingerprint)
         _check_run(folder, cfg)
         metrics = json.loads(metrics_file.read_text())
+        if tasks is not None:  # scored with these settings (reused when already), only these tasks
+            scored = eval_cli.ensure_scored(folder, lm_eval, tasks)[eval_cli.KEY]
+            metrics[eval_cli.KEY] = {name: scored[name] for name in tasks.names}
+        else:
+            metrics.pop(eval_cli.KEY, None)  # scores made elsewhere, with settings not checked here
         results.append({"label": row.label, "seed": seed, "dir": str(folder), **metrics})
     summary = _compare_report.summarise(results, rows, base.task, ref.label)
     report = {
@@ -441,6 +454,7 @@ def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
     reference = options.pop("reference", None)
     out = str(options.pop("out", None) or "runs/compare")
     resume = bool(options.pop("resume", False))
+    lm_eval = eval_cli.pop_compare_options(options)
     if isinstance(methods, str):
         methods = methods.split()
     report = compare(
@@ -452,6 +466,7 @@ def run_compare(options: dict[str, Any], overwrite: bool = False) -> int:
         nproc=nproc,
         reference=reference,
         overwrite=overwrite,
+        lm_eval=lm_eval,
     )
     print(report["table"])
     print()

