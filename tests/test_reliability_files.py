@@ -282,9 +282,13 @@ def test_compare_passes_sigterm_on_to_its_run_and_waits_for_the_checkpoint(tmp_p
         time.sleep(1.0)
         parent.send_signal(signal.SIGTERM)
         _, err = parent.communicate(timeout=240)
-    finally:  # whatever happens, leave nothing running
+    finally:  # whatever happens, leave nothing running (the run would train 100000 steps)
         if parent.poll() is None:
             parent.kill()
+            parent.wait()
+        if child_pid is None:
+            with contextlib.suppress(OSError, ValueError):
+                child_pid = int((run / ".lock").read_text())
         if child_pid is not None and parent.returncode != 128 + signal.SIGTERM:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child_pid, signal.SIGKILL)
