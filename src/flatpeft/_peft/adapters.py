@@ -121,7 +121,6 @@ def _inject(model: nn.Module, name: str, config) -> None:
 def remove_aux_adapter(model: nn.Module, name: str) -> None:
     """Delete the auxiliary adapter ``name`` (no-op if it is gone); the active adapter is unchanged."""
     from peft import PeftModel
-    from peft.tuners.tuners_utils import delete_adapter
 
     inner = _config_owner(unwrap_model(model), name)
     if inner is None:
@@ -137,7 +136,8 @@ def remove_aux_adapter(model: nn.Module, name: str) -> None:
     ]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was active which is now deleted.*", category=UserWarning)
-        delete_adapter(inner, name, prefix="lora_", layer_cls=cls)
+        for layer, _ in previous:  # each LoRA layer's own delete_adapter (every PEFT version has it)
+            layer.delete_adapter(name)
     del configs[name]
     flags = [(p, p.requires_grad) for p in inner.parameters()]
     for layer, active in previous:
