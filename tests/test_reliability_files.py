@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -298,6 +299,44 @@ def test_compare_passes_sigterm_on_to_its_run_and_waits_for_the_checkpoint(tmp_p
     assert next(p.name for p in (run / "checkpoints").iterdir()).startswith("step-")
     with pytest.raises(ProcessLookupError):  # compare waited for its child: nothing left running
         os.kill(child_pid, 0)
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    """torchrun forwards SIGTERM to its workers: both ranks finish the same step, rank 0 writes one
+    checkpoint (loadable with weights_only), and the launch exits non-zero."""
+    from helpers import torchrun_argv
+
+    data, out = make_csv(tmp_path / "d.csv"), tmp_path / "ddp"
+    argv = [
+        *torchrun_argv(), "-m", "flatpeft", "train", "--model", "tiny", "--data", data, "--method", "lora",
+        "--out", str(out), "--max-steps", "100000", "--checkpoint-every", "0", "--batch-size", "4",
+        "--no-progress",
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "log.jsonl").exists():  # written once both ranks are training
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:  # whatever happens, leave no rank running (the run would train 100000 steps)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+
+    assert launcher.returncode != 0, err[-3000:]
+    stopped = set(re.findall(r"stopped at step (\d+); checkpoint", err))  # what each rank reported
+    assert len(stopped) == 1, err[-3000:]
+    steps = [p.name for p in (out / "checkpoints").iterdir()]
+    assert steps == [f"step-{stopped.pop()}"], steps
+    state = _runfolder.load_state(out / "checkpoints" / steps[0] / "state.pt")
+    assert state["step"] == int(steps[0].removeprefix("step-"))
+    assert not (out / "adapter").exists()
 
 
 # -- 6. the last step is checkpointed; resuming a finished training evaluates only ---------------------
