@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from .tasks import BUILTIN_TASKS, TASK_DIR
 
-__all__ = ["EXTRA", "Tasks", "headline", "require_lm_eval", "resolve_tasks", "run_harness", "strict"]
+__all__ = ["EXTRA", "Tasks", "headline", "require_lm_eval", "resolve_tasks", "run_harness"]
 
 EXTRA = "pip install 'flatpeft[eval]' (or pip install 'lm-eval>=0.4,<0.5')"
 _YAML = (".yaml", ".yml")
@@ -198,21 +197,3 @@ def headline(output: dict[str, Any], name: str) -> dict[str, Any] | None:
             "n_shot": output.get("n-shot", {}).get(name),
         }
     return None
-
-
-def strict(obj: Any) -> Any:
-    """``obj`` made strict-JSON safe: non-finite floats become ``None``, other objects their ``str``."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, dict):
-        return {str(k): strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [strict(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        try:
-            return strict(obj.item())
-        except (TypeError, ValueError):
-            pass
-    return str(obj)

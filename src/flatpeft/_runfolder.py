@@ -26,7 +26,6 @@ import torch
 
 from . import _scale
 from ._filelock import FileLock
-from ._strict_json import write_json
 from ._train_config import ConfigError
 
 if TYPE_CHECKING:
@@ -62,10 +61,6 @@ def _git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_json(path, obj)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -15,13 +15,17 @@ __all__ = ["dumps", "json_safe", "write_json", "write_text"]
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (also inside dicts, lists and tuples) replaced by ``None``."""
+    """``value`` with every non-finite float (also inside dicts, lists, tuples and sets) replaced by
+    ``None``, numpy/torch scalars by their Python number and dict keys that are not strings by their
+    ``str``."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+        return {k if isinstance(k, str) else str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
         return [json_safe(v) for v in value]
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # numpy/torch scalar
+        return json_safe(value.item())
     return value
 
 

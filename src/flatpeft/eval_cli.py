@@ -36,7 +36,7 @@ from typing import Any
 
 from . import _lmeval
 from ._runfolder import RunLock
-from ._strict_json import dumps, write_text
+from ._strict_json import dumps, write_json, write_text
 
 __all__ = ["EvalOptions", "add_cli_arguments", "add_compare_arguments", "evaluate_run", "pop_compare_options"]
 
@@ -241,10 +241,6 @@ def _file_name(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", task)
 
 
-def _dump(obj: Any) -> str:
-    return dumps(_lmeval.strict(obj), indent=2) + "\n"
-
-
 def evaluate_run(
     run_dir: str | Path, options: EvalOptions, tasks: _lmeval.Tasks | None = None
 ) -> dict[str, Any]:
@@ -298,8 +294,8 @@ def _score_and_write(
     for name, output in outputs.items():
         samples = output.pop("samples", None) or {}
         file = folder / f"{_file_name(name)}.json"
-        write_text(file, _dump(output))
-        lines = [json.dumps(_lmeval.strict(s), allow_nan=False) for rows in samples.values() for s in rows]
+        write_json(file, output)
+        lines = [dumps(s) for rows in samples.values() for s in rows]
         write_text(folder / f"{_file_name(name)}.samples.jsonl", "".join(line + "\n" for line in lines))
         top = _lmeval.headline(output, name)
         scores[name] = None if top is None else top | {"file": str(file.relative_to(run_dir))}
@@ -308,7 +304,7 @@ def _score_and_write(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     key = BASE_KEY if options.base else KEY
     metrics[key] = {**metrics.get(key, {}), **scores}
-    write_text(run_dir / "metrics.json", _dump(metrics))
+    write_json(run_dir / "metrics.json", metrics)
     return scores
 
 

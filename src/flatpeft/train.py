@@ -67,10 +67,9 @@ from ._runfolder import (
     _rng_state,
     _save_checkpoint,
     _versions,
-    _write_json,
 )
 from ._scale import Precision, Ranks
-from ._strict_json import dumps
+from ._strict_json import dumps, write_json
 from ._train_config import (
     FULL,
     ConfigError,
@@ -379,7 +378,7 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks, lock: _runfolder.RunLock) 
             "command": sys.argv,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_json(out / "config.json", config)
+        write_json(out / "config.json", config)
     log = open(out / "log.jsonl", "a") if ranks.main else None  # noqa: SIM115 (closed in finally)
 
     stream = Stream(run.splits.train, cfg.batch_size, cfg.seed)
@@ -549,7 +548,7 @@ def _finish(run: Run, out: Path, stream: Stream, history: dict[str, list]) -> di
         lines = [dumps({"set": name, **r}) for name, records in samples.items() for r in records]
         if lines:
             (out / "predictions.jsonl").write_text("\n".join(lines) + "\n")
-        _write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
     return metrics
 
 
