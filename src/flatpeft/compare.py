@@ -379,7 +379,7 @@ def _check_run(folder: Path, cfg: train_lib.TrainConfig) -> None:
 
 
 #: the signals compare passes on to a run, and the exit codes of a run they stopped (128 + signal)
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+_STOP_SIGNALS = train_lib.STOP_SIGNALS
 _STOPPED = {128 + int(s) for s in _STOP_SIGNALS}
 
 

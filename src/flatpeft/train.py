@@ -119,7 +119,7 @@ class Interrupted(RuntimeError):
 
 #: the signals that stop a run at the next step boundary with a checkpoint (SIGTERM: how torchrun,
 #: Slurm and Kubernetes preempt)
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
 
 
 # -- data parallelism (torchrun) ------------------------------------------------------------------
@@ -398,7 +398,7 @@ def _train(cfg: TrainConfig, out: Path, ranks: Ranks, lock: _runfolder.RunLock) 
                 raise KeyboardInterrupt
             stop["asked"] = signum
 
-        for sig in _STOP_SIGNALS:
+        for sig in STOP_SIGNALS:
             previous_handlers[sig] = signal.signal(sig, on_signal)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
