@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 RESULTS = Path(__file__).resolve().parent / "results"
 # Ops that overwrite their mutated argument without reading it.
 WRITE_ONLY = {"normal_", "uniform_", "fill_", "zero_", "copy_", "random_", "bernoulli_", "exponential_"}
-DRAWS = {"normal", "normal_", "randn", "randn_like", "noisy_rows"}
+DRAWS = {"normal", "normal_", "randn", "randn_like", "noisy_rows", "noisy_rows_normed"}
 SPECS = {  # row name -> (registered method, config overrides, method class override or None)
     "lora": ("lora", {}),
     "flat_lora": ("flat_lora", {}),
@@ -117,8 +117,9 @@ class ByteCounter(TorchDispatchMode):
         self.written += written
         self.hidden += hidden
         self.by_op[name] = self.by_op.get(name, 0) + read + written + hidden
-        if name in DRAWS:
-            self.draws += sum(t.numel() for t in returns)
+        if name in DRAWS:  # noisy_rows_normed also returns the (m,) row stds: not draws
+            drawn = returns[:1] if name == "noisy_rows_normed" else returns
+            self.draws += sum(t.numel() for t in drawn)
         return out
 
     @staticmethod
@@ -276,46 +277,54 @@ def main(argv: list[str] | None = None) -> dict:
 
     import flatpeft  # after TRITON_INTERPRET: PEFT imports Triton
 
+    # A TorchDispatchMode sees the ops of its own thread only: one thread, so the CPU path's chunked
+    # draws all run where the counter is (on more threads they move the same bytes).
+    threads = torch.get_num_threads()
     specs = args.methods or [*SPECS, *(s for s in flatpeft.list_methods() if s not in SPECS)]
     specs = ["lora", *(s for s in specs if s != "lora")]
     weights = args.m * args.n
     rows, errors = [], {}
-    for path in args.paths:
-        for precision in args.precisions:
-            with noise_path(path, args.device):
-                base = count("lora", precision, args.m, args.n, args.tokens, path == "torch-cpu", args.device)
-                for spec in specs:
-                    if path != "torch-cpu" and not spec.startswith("flat_lora"):
-                        continue  # the other methods draw no weight noise: one path is enough
-                    try:
-                        got = count(
-                            spec, precision, args.m, args.n, args.tokens, path == "torch-cpu", args.device
+    torch.set_num_threads(1)
+    try:
+        for path in args.paths:
+            for precision in args.precisions:
+                with noise_path(path, args.device):
+                    cpu_rule = path == "torch-cpu"
+                    base = count("lora", precision, args.m, args.n, args.tokens, cpu_rule, args.device)
+                    for spec in specs:
+                        if path != "torch-cpu" and not spec.startswith("flat_lora"):
+                            continue  # the other methods draw no weight noise: one path is enough
+                        try:
+                            got = count(
+                                spec, precision, args.m, args.n, args.tokens, path == "torch-cpu", args.device
+                            )
+                        except Exception as err:  # one failed row must not lose the others
+                            errors[f"{spec}/{precision}/{path}"] = repr(err)
+                            continue
+                        rows.append(
+                            {
+                                "method": spec,
+                                "precision": precision,
+                                "path": path,
+                                "bytes_per_weight": (got["bytes"] - base["bytes"]) / weights,
+                                "hidden_cast_bytes_per_weight": (got["hidden_casts"] - base["hidden_casts"])
+                                / weights,
+                                "draws_per_weight": (got["draws"] - base["draws"]) / weights,
+                                "by_op_minus_lora": {
+                                    k: v - base["by_op"].get(k, 0)
+                                    for k, v in got["by_op"].items()
+                                    if v != base["by_op"].get(k, 0)
+                                },
+                            }
                         )
-                    except Exception as err:  # one failed row must not lose the others
-                        errors[f"{spec}/{precision}/{path}"] = repr(err)
-                        continue
-                    rows.append(
-                        {
-                            "method": spec,
-                            "precision": precision,
-                            "path": path,
-                            "bytes_per_weight": (got["bytes"] - base["bytes"]) / weights,
-                            "hidden_cast_bytes_per_weight": (got["hidden_casts"] - base["hidden_casts"])
-                            / weights,
-                            "draws_per_weight": (got["draws"] - base["draws"]) / weights,
-                            "by_op_minus_lora": {
-                                k: v - base["by_op"].get(k, 0)
-                                for k, v in got["by_op"].items()
-                                if v != base["by_op"].get(k, 0)
-                            },
-                        }
-                    )
-                    print(
-                        f"{args.label:>7} {path:>10} {precision} {spec:<22} "
-                        f"{rows[-1]['bytes_per_weight']:7.2f} B/weight  "
-                        f"{rows[-1]['draws_per_weight']:.2f} draws/weight",
-                        flush=True,
-                    )
+                        print(
+                            f"{args.label:>7} {path:>10} {precision} {spec:<22} "
+                            f"{rows[-1]['bytes_per_weight']:7.2f} B/weight  "
+                            f"{rows[-1]['draws_per_weight']:.2f} draws/weight",
+                            flush=True,
+                        )
+    finally:
+        torch.set_num_threads(threads)
     report = {
         "label": args.label,
         "device": args.device,

@@ -44,24 +44,27 @@ def _philox_ref(seed: int, counter: int) -> list[int]:
     return [c0, c1, c2, c3]
 
 
-def _normals_ref(seed: int, count: int) -> torch.Tensor:
-    """The kernel's first ``count`` N(0, 1) entries from the reference words (Box–Muller, float64)."""
-    out = torch.empty(count, dtype=torch.float64)
-    block = K.BLOCK
-    for e in range(count):
-        program, r = divmod(e, 4 * block)
-        word, lane = divmod(r, block)
-        words = _philox_ref(seed, program * block + lane)
-        pair = words[0:2] if word < 2 else words[2:4]
+def _normals_ref(seed: int, m: int, n: int) -> torch.Tensor:
+    """The kernel's ``(m, n)`` N(0, 1) entries from the reference words (Box–Muller, float64): row i,
+    entry j takes word (j mod 4Q) // Q of counter (i·T + j // 4Q)·Q + j mod Q, T = ⌈n / 4Q⌉."""
+    q = K.lanes(n)
+    tiles = -(-n // (4 * q))
+    out = torch.empty(m, n, dtype=torch.float64)
 
-        def uniform(w):
-            x = w - (1 << 32) if w >= 1 << 31 else w  # int32 bitcast
-            x = ~x if x < 0 else x
-            return float(torch.tensor(x, dtype=torch.float32) * torch.tensor(4.6566127342e-10))
+    def uniform(w):
+        x = w - (1 << 32) if w >= 1 << 31 else w  # int32 bitcast
+        x = ~x if x < 0 else x
+        return float(torch.tensor(x, dtype=torch.float32) * torch.tensor(4.6566127342e-10))
 
-        u1, u2 = max(1e-7, uniform(pair[0])), uniform(pair[1])
-        radius, theta = math.sqrt(-2.0 * math.log(u1)), 2 * math.pi * u2
-        out[e] = radius * (math.cos(theta) if word % 2 == 0 else math.sin(theta))
+    for i in range(m):
+        for j in range(n):
+            tile, rest = divmod(j, 4 * q)
+            word, lane = divmod(rest, q)
+            words = _philox_ref(seed, (i * tiles + tile) * q + lane)
+            pair = words[0:2] if word < 2 else words[2:4]
+            u1, u2 = max(1e-7, uniform(pair[0])), uniform(pair[1])
+            radius, theta = math.sqrt(-2.0 * math.log(u1)), 2 * math.pi * u2
+            out[i, j] = radius * (math.cos(theta) if word % 2 == 0 else math.sin(theta))
     return out
 
 
@@ -73,14 +76,14 @@ def test_philox_words_equal_the_integer_reference_bit_for_bit():
     assert K.philox_words(5, torch.tensor([9])).tolist() == [_philox_ref(5, 9)]
 
 
-def test_normals_follow_the_documented_stream_with_all_four_words():
+@pytest.mark.parametrize("n", [50, 4 * 1024 + 100])  # one short tile (Q = 16); two tiles of 4·BLOCK
+def test_normals_follow_the_documented_stream_with_all_four_words(n):
     seed = mix_seed(1, 2, 3)
-    m, n = 3, 3 * K.BLOCK + 7  # more than one program, and a ragged tail
-    z = K.noisy_rows(None, torch.ones(m), n, seed, torch.float32).reshape(-1)
-    count = 4 * K.BLOCK + 12  # all four words of the first program, and the second program's start
-    ref = _normals_ref(seed, count)
-    torch.testing.assert_close(z[:count].double(), ref, rtol=0, atol=2e-5)
-    assert z[:count].unique().numel() == count  # the four words give four distinct streams
+    m = 3 if n < 100 else 2
+    z = K.noisy_rows(None, torch.ones(m), n, seed, torch.float32)
+    ref = _normals_ref(seed, m, n)
+    torch.testing.assert_close(z.double(), ref, rtol=0, atol=2e-5)
+    assert z.unique().numel() == m * n  # the four words give four distinct streams, rows differ
 
 
 def test_w0_plus_eps_is_the_formula_and_w0_stays_bit_identical():
@@ -100,6 +103,23 @@ def test_w0_plus_eps_is_the_formula_and_w0_stays_bit_identical():
     assert torch.equal(out, stored.t() + std[:, None] * z)
     eps = K.noisy_rows(None, std, n, seed, torch.bfloat16)  # quantized base: ε alone
     assert torch.equal(eps, (std[:, None] * z).bfloat16())
+
+
+@pytest.mark.parametrize("r", [3, 8])
+def test_fused_row_stds_are_the_effective_norms_and_give_the_same_noise(r):
+    torch.manual_seed(0)
+    m, n, s, scale, seed = 6, 1500, 2.0, 0.1 / math.sqrt(1500), mix_seed(4, 5, 6)
+    a, b = torch.randn(r, n) * 0.05, torch.randn(m, r)
+    stored = torch.randn(n, m)  # strided rows, as GPT-2 Conv1D's transposed storage
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = stored.t().to(dtype)
+        before = w.clone()
+        base_sq = w.float().pow(2).sum(1)
+        out, std = K.noisy_rows_normed(w, _noise.RowNorms(a, b, base_sq, s, scale), seed, dtype)
+        expected = scale * (w.double() + s * b.double() @ a.double()).norm(dim=1)
+        torch.testing.assert_close(std.double(), expected, rtol=1e-5, atol=0)
+        assert torch.equal(out, K.noisy_rows(w, std, n, seed, dtype)), dtype  # the backward's regeneration
+        assert torch.equal(w, before)
 
 
 def test_rows_have_zero_mean_unit_std_and_pass_a_ks_test():
@@ -200,3 +220,10 @@ def test_kernel_noise_std_is_sigma_times_effective_row_norm():
     ratio = eps.std(dim=1) / expected
     assert ratio.sub(1).abs().max() < 5 / math.sqrt(2 * 2047)
     torch.testing.assert_close(method.row_stds()[0], expected)
+
+
+def test_activation_checkpointing_on_the_kernel_path_recomputes_the_same_noise():
+    """The first forward's fused pass writes the row stds; the checkpointed recompute draws with them."""
+    from test_flat_lora import test_activation_checkpointing_recomputes_the_same_noise as same_noise
+
+    same_noise()

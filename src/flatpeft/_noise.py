@@ -15,9 +15,12 @@ The standard normals z of one seed, per device:
 
 - CPU: the flattened ``(m, n)`` tensor is cut into fixed chunks of :data:`CHUNK` elements; chunk 0
   is drawn by a ``torch.Generator`` seeded with ``seed`` itself and chunk ``k > 0`` by one seeded
-  with ``mix_seed(seed, k)``. The chunks are drawn in parallel (``torch.get_num_threads()`` threads;
-  ``normal_`` releases the GIL) and the values do not depend on the thread count. A tensor of at most
-  :data:`CHUNK` entries gets exactly ``torch.randn((m, n), generator=seeded)``, as before chunking.
+  with ``mix_seed(seed, k)``. The chunks are drawn in parallel, in contiguous runs, one per thread
+  (``torch.get_num_threads()`` threads, the calling one included; ``normal_`` releases the GIL),
+  and the values do not depend on the thread count. A tensor of at most :data:`CHUNK` entries gets
+  exactly ``torch.randn((m, n), generator=seeded)``. (Right after an OpenMP region, such as the
+  previous layer's matmul, libgomp's default spin-wait holds the other cores for a few ms, so in a
+  training step the draws run at about one core's speed; see the README, Overhead.)
 - CUDA, plain path: one ``torch.randn`` with a CUDA generator seeded with ``seed``, in the compute
   dtype (bf16 normals in a bf16 run).
 - Triton kernel: Philox-4x32-10 words, see ``_noise_triton``; independent of the GPU model.
@@ -29,12 +32,13 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CHUNK", "NoiseWorkspace", "noisy_rows", "standard_normal", "use_kernel"]
+__all__ = ["CHUNK", "NoiseWorkspace", "RowNorms", "noisy_rows", "standard_normal", "use_kernel"]
 
-CHUNK = 1 << 18  # entries per CPU generator (1 MiB of fp32): fixed, so the noise ignores thread counts
+CHUNK = 1 << 16  # entries per CPU generator (256 KiB of fp32): fixed, so the noise ignores thread counts
 _MASK64 = (1 << 64) - 1
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
 _pool_lock = threading.Lock()
@@ -98,17 +102,24 @@ def standard_normal(
     flat = out.view(-1)
     chunks = -(-flat.numel() // CHUNK)
 
-    def fill(k: int) -> None:
-        gen = torch.Generator()
-        gen.manual_seed(chunk_seed(seed, k))
-        flat[k * CHUNK : (k + 1) * CHUNK].normal_(generator=gen)
+    def fill(first: int, last: int) -> None:  # chunks [first, last), one generator each
+        for k in range(first, last):
+            gen = torch.Generator()
+            gen.manual_seed(chunk_seed(seed, k))
+            flat[k * CHUNK : (k + 1) * CHUNK].normal_(generator=gen)
 
-    threads = torch.get_num_threads()
-    if min(threads, chunks) <= 1:
-        for k in range(chunks):
-            fill(k)
-    else:
-        list(_threads_pool(threads).map(fill, range(chunks)))
+    parts = min(torch.get_num_threads(), chunks)
+    if parts <= 1:
+        fill(0, chunks)
+        return out
+    # Contiguous runs of whole chunks, one per thread; the calling thread draws the first run itself
+    # (normal_ releases the GIL), so a draw never waits on a busy pool for its own share.
+    bounds = [chunks * p // parts for p in range(parts + 1)]
+    pool = _threads_pool(parts - 1)
+    pending = [pool.submit(fill, bounds[p], bounds[p + 1]) for p in range(1, parts)]
+    fill(bounds[0], bounds[1])
+    for job in pending:
+        job.result()
     return out
 
 
@@ -156,9 +167,22 @@ def use_kernel(device: torch.device) -> bool:
     return _noise_triton.unavailable(device) is None
 
 
+@dataclass
+class RowNorms:
+    """The inputs of the row stds ``scale·‖W0_i + s·(B·A)_i‖`` for the kernel to compute in its own
+    pass over W0 (``_noise_triton.noisy_rows_normed``); :func:`noisy_rows` stores them in ``std``."""
+
+    lora_a: torch.Tensor  # (r, n) fp32
+    lora_b: torch.Tensor  # (m, r) fp32
+    base_sq: torch.Tensor  # (m,) fp32 ‖W0_i‖²
+    s: float
+    scale: float
+    std: torch.Tensor | None = None
+
+
 def noisy_rows(
     weight_rows: torch.Tensor | None,
-    row_std: torch.Tensor,
+    row_std: torch.Tensor | RowNorms,
     n: int,
     seed: int,
     dtype: torch.dtype,
@@ -169,13 +193,19 @@ def noisy_rows(
 
     Args:
         weight_rows: Frozen weight as ``(m, n)`` rows (any strides), or ``None``.
-        row_std: ``(m,)`` fp32 std of row ``i``.
+        row_std: ``(m,)`` fp32 std of row ``i``, or :class:`RowNorms` (kernel path, with ``weight_rows``
+            and not fp64) for the kernel to compute them; they are then left in ``row_std.std``.
         n: Entries per row.
         seed: Seed of the draw.
         dtype: dtype of the result (the compute dtype).
         workspace: Buffers to draw into (CPU); ``None`` allocates.
         reuse_out: The result may live in ``workspace`` (the caller drops it before the next call).
     """
+    if isinstance(row_std, RowNorms):
+        from . import _noise_triton
+
+        out, row_std.std = _noise_triton.noisy_rows_normed(weight_rows, row_std, seed, dtype)
+        return out
     device, m = row_std.device, row_std.shape[0]
     if use_kernel(device) and (weight_rows is None or weight_rows.dtype != torch.float64):
         from . import _noise_triton

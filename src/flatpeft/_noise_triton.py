@@ -7,19 +7,27 @@ write of the weight; the normal numbers never touch memory.
 
 The stream (fixed, part of the noise's definition; :data:`BLOCK` = 1024):
 
-- Philox-4x32-10 (Triton's ``tl.randint4x``) with key (seed mod 2³², seed ≫ 32) and counter
-  (c, 0, 0) for c = 0, 1, 2, ...: one call gives four 32-bit words, all four used;
+- Philox-4x32-10 (Triton's ``tl.randint4x``) with key (seed mod 2³², seed ≫ 32) and a 64-bit counter
+  c (words c mod 2³², c ≫ 32, 0, 0): one call gives four 32-bit words, all four used;
 - ``tl.randn4x`` turns the four words into four N(0, 1) numbers (Box–Muller on pairs);
-- entry e of the flattened ``(m, n)`` tensor takes word q = (e mod 4·BLOCK) // BLOCK of counter
-  c = (e // 4·BLOCK)·BLOCK + e mod BLOCK (each program covers 4·BLOCK consecutive entries with
-  BLOCK counters, four contiguous stores).
+- row i is cut into T = ⌈n / 4Q⌉ tiles of 4Q entries, Q = :func:`lanes` (n) (the power of two
+  covering n/4, from 16 to BLOCK); entry j of row i takes word q = (j mod 4Q) // Q of counter
+  c = (i·T + j // 4Q)·Q + j mod Q. Rows never share a counter.
+
+One program writes one row. ``noisy_rows`` is given the row stds; ``noisy_rows_normed`` computes
+them in the same program from ‖W0_i‖² (cached by the caller: W0 is frozen) and the LoRA factors,
+‖W'_i‖² = ‖W0_i‖² + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², summed over tiles of W0_i that the noise loop
+then reads again while they are still in cache: one read of W0 per step for the norms and the first
+draw together. It writes the stds out for the backward's regeneration, which reads them back as
+the same fp32 values and so writes the same W0 + ε.
 
 The seed is Flat-LoRA's ``mix_seed(seed, step, layer, rank)``, so forward and backward (and an
 activation-checkpointing recompute) regenerate the identical ε, and the values depend neither on the
-GPU model nor on the launch configuration. The launch is the custom op ``flatpeft::noisy_rows``, so
-PyTorch's dispatcher (and ``benchmarks/noise_bytes.py``'s counter) sees its operands: W0 and the row
-stds read, W0 + ε written. ``TRITON_INTERPRET=1`` (set before this module is imported) runs the
-kernel on CPU tensors, which is how it is tested without a GPU.
+GPU model nor on the launch configuration. The launches are the custom ops ``flatpeft::noisy_rows``
+and ``flatpeft::noisy_rows_normed``, so PyTorch's dispatcher (and ``benchmarks/noise_bytes.py``'s
+counter) sees their operands: W0 (and A, B, ‖W0_i‖²) or the row stds read, W0 + ε (and the stds)
+written. ``TRITON_INTERPRET=1`` (set before this module is imported) runs the kernel on CPU
+tensors, which is how it is tested without a GPU.
 """
 
 from __future__ import annotations
@@ -28,9 +36,12 @@ import os
 
 import torch
 
-__all__ = ["BLOCK", "noisy_rows", "philox_words", "unavailable"]
+from ._noise import RowNorms
+
+__all__ = ["BLOCK", "lanes", "noisy_rows", "noisy_rows_normed", "philox_words", "unavailable"]
 
 BLOCK = 1024
+_SEED = (1 << 63) - 1
 
 try:
     import triton
@@ -55,35 +66,59 @@ def unavailable(device: torch.device) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def _store(
-        out_ptr, w_ptr, std_ptr, z, e, total, n, stride_m, stride_n, HAS_W: tl.constexpr, BF16: tl.constexpr
-    ):
-        mask = e < total
-        i = e // n
-        val = tl.load(std_ptr + i, mask=mask, other=0.0) * z
+    def _store(out_row, w_row, stride_n, j, n, std, z, HAS_W: tl.constexpr, BF16: tl.constexpr):
+        mask = j < n
+        val = std * z
         if HAS_W:
-            w = tl.load(w_ptr + i * stride_m + (e - i * n) * stride_n, mask=mask, other=0.0)
-            val = val + w.to(tl.float32)
+            val = val + tl.load(w_row + j * stride_n, mask=mask, other=0.0).to(tl.float32)
         if BF16:  # round to nearest even by hand: the same bits on a GPU and in the CPU interpreter
             bits = val.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            tl.store(out_ptr + e, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+            tl.store(out_row + j, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
         else:  # fp32 as is; fp16 rounded to nearest even by the cast
-            tl.store(out_ptr + e, val.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_row + j, val.to(out_row.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _row_std(w_row, stride_n, n, a_ptr, b_row, r, sq, s, scale, R: tl.constexpr, NB: tl.constexpr):
+        """σ_t‖W'_i‖/√n of one row: ‖W0_i‖² (given) + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², W0_i read once."""
+        k = tl.arange(0, R)
+        b = tl.load(b_row + k, mask=k < r, other=0.0)
+        cross = tl.zeros((NB,), tl.float32)
+        quad = tl.zeros((NB,), tl.float32)
+        for j0 in range(0, n, NB):
+            j = j0 + tl.arange(0, NB)
+            mask = j < n
+            w = tl.load(w_row + j * stride_n, mask=mask, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + k[:, None] * n + j[None, :], mask=(k[:, None] < r) & mask[None, :], other=0.0)
+            delta = tl.sum(b[:, None] * a, axis=0)  # (B·A)_i on this tile
+            cross += w * delta
+            quad += delta * delta
+        total = sq + 2.0 * s * tl.sum(cross, axis=0) + s * s * tl.sum(quad, axis=0)
+        return scale * tl.sqrt(tl.maximum(total, 0.0))
 
     @triton.jit
     def _noisy_rows_kernel(
-        w_ptr, std_ptr, out_ptr, seed, total, n, stride_m, stride_n,
-        HAS_W: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr,
+        w_ptr, std_ptr, out_ptr, a_ptr, b_ptr, sq_ptr, seed, n, stride_m, stride_n, r, s, scale,
+        HAS_W: tl.constexpr, NORM: tl.constexpr, BF16: tl.constexpr, Q: tl.constexpr,
+        R: tl.constexpr, NB: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0).to(tl.int64)
-        lane = tl.arange(0, BLOCK).to(tl.int64)
-        z0, z1, z2, z3 = tl.randn4x(seed, pid * BLOCK + lane)
-        base = pid * (4 * BLOCK) + lane
-        _store(out_ptr, w_ptr, std_ptr, z0, base, total, n, stride_m, stride_n, HAS_W, BF16)
-        _store(out_ptr, w_ptr, std_ptr, z1, base + BLOCK, total, n, stride_m, stride_n, HAS_W, BF16)
-        _store(out_ptr, w_ptr, std_ptr, z2, base + 2 * BLOCK, total, n, stride_m, stride_n, HAS_W, BF16)
-        _store(out_ptr, w_ptr, std_ptr, z3, base + 3 * BLOCK, total, n, stride_m, stride_n, HAS_W, BF16)
+        i = tl.program_id(0).to(tl.int64)
+        w_row = w_ptr + i * stride_m
+        out_row = out_ptr + i * n
+        if NORM:  # the row's std from W0 and the LoRA factors, written for the backward's regeneration
+            std = _row_std(w_row, stride_n, n, a_ptr, b_ptr + i * r, r, tl.load(sq_ptr + i), s, scale, R, NB)
+            tl.store(std_ptr + i, std)
+        else:
+            std = tl.load(std_ptr + i)
+        tiles = tl.cdiv(n, 4 * Q)
+        lane = tl.arange(0, Q).to(tl.int64)
+        for t in range(0, tiles):
+            z0, z1, z2, z3 = tl.randn4x(seed, (i * tiles + t) * Q + lane)
+            j = t * (4 * Q) + lane
+            _store(out_row, w_row, stride_n, j, n, std, z0, HAS_W, BF16)
+            _store(out_row, w_row, stride_n, j + Q, n, std, z1, HAS_W, BF16)
+            _store(out_row, w_row, stride_n, j + 2 * Q, n, std, z2, HAS_W, BF16)
+            _store(out_row, w_row, stride_n, j + 3 * Q, n, std, z3, HAS_W, BF16)
 
     @triton.jit
     def _philox_words_kernel(out_ptr, seed, counter_ptr, count, BLOCK: tl.constexpr):
@@ -105,36 +140,69 @@ def philox_words(seed: int, counters: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def lanes(n: int) -> int:
+    """Philox counters per tile of a row of ``n`` entries (each tile covers ``4·lanes(n)`` entries):
+    the power of two that covers ``n/4``, between 16 and :data:`BLOCK`."""
+    return min(BLOCK, max(16, triton.next_power_of_2(-(-n // 4))))
+
+
+def _launch(weight, std, out, seed, n, norms=None) -> None:
+    """One program per row; ``norms = (A, B, ‖W0_i‖², s, scale)`` computes ``std`` in the kernel."""
+    m = out.shape[0]
+    w, sm, sn = (out, 0, 0) if weight is None else (weight, weight.stride(0), weight.stride(1))
+    a, b, sq, s, scale = norms if norms is not None else (std, std, std, 0.0, 0.0)
+    r = a.shape[0] if norms is not None else 0
+    rp = triton.next_power_of_2(max(r, 1))
+    _noisy_rows_kernel[(m,)](
+        w, std, out, a, b, sq, seed, n, sm, sn, r, s, scale,
+        HAS_W=weight is not None, NORM=norms is not None, BF16=out.dtype == torch.bfloat16,
+        Q=lanes(n), R=rp, NB=max(16, min(1024, 4096 // rp)),
+    )  # fmt: skip
+
+
 @torch.library.custom_op("flatpeft::noisy_rows", mutates_args=())
 def _noisy_rows_op(
     weight: torch.Tensor | None, row_std: torch.Tensor, n: int, seed: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    m = row_std.shape[0]
-    out = torch.empty((m, n), dtype=dtype, device=row_std.device)
-    if out.numel() == 0:
-        return out
-    std = row_std.contiguous().float()
-    w, sm, sn = (out, 0, 0) if weight is None else (weight, weight.stride(0), weight.stride(1))
-    grid = (triton.cdiv(out.numel(), 4 * BLOCK),)
-    _noisy_rows_kernel[grid](
-        w,
-        std,
-        out,
-        seed,
-        out.numel(),
-        n,
-        sm,
-        sn,
-        HAS_W=weight is not None,
-        BF16=dtype == torch.bfloat16,
-        BLOCK=BLOCK,
-    )
+    out = torch.empty((row_std.shape[0], n), dtype=dtype, device=row_std.device)
+    if out.numel():
+        _launch(weight, row_std.contiguous().float(), out, seed, n)
     return out
 
 
 @_noisy_rows_op.register_fake
 def _(weight, row_std, n, seed, dtype):
     return row_std.new_empty((row_std.shape[0], n), dtype=dtype)
+
+
+@torch.library.custom_op("flatpeft::noisy_rows_normed", mutates_args=())
+def _noisy_rows_normed_op(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    base_sq: torch.Tensor,
+    s: float,
+    scale: float,
+    seed: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = weight.shape
+    out = torch.empty((m, n), dtype=dtype, device=weight.device)
+    std = torch.empty(m, dtype=torch.float32, device=weight.device)
+    if out.numel():
+        factors = (lora_a.contiguous().float(), lora_b.contiguous().float(), base_sq.contiguous().float())
+        _launch(weight, std, out, seed, n, (*factors, s, scale))
+    return out, std
+
+
+@_noisy_rows_normed_op.register_fake
+def _(weight, lora_a, lora_b, base_sq, s, scale, seed, dtype):
+    return weight.new_empty(weight.shape, dtype=dtype), weight.new_empty(weight.shape[0], dtype=torch.float32)
+
+
+def _check(dtype: torch.dtype, weight_rows: torch.Tensor | None) -> None:
+    if dtype not in _DTYPES or (weight_rows is not None and weight_rows.dtype not in _DTYPES):
+        raise ValueError(f"the Triton noise kernel writes fp32/fp16/bf16, not {dtype}; use the torch path")
 
 
 def noisy_rows(
@@ -146,6 +214,19 @@ def noisy_rows(
     Raises:
         ValueError: a dtype the kernel does not write (fp64 weights take the PyTorch path).
     """
-    if dtype not in _DTYPES or (weight_rows is not None and weight_rows.dtype not in _DTYPES):
-        raise ValueError(f"the Triton noise kernel writes fp32/fp16/bf16, not {dtype}; use the torch path")
-    return _noisy_rows_op(weight_rows, row_std, n, seed & ((1 << 63) - 1), dtype)
+    _check(dtype, weight_rows)
+    return _noisy_rows_op(weight_rows, row_std, n, seed & _SEED, dtype)
+
+
+def noisy_rows_normed(weight_rows: torch.Tensor, norms: RowNorms, seed: int, dtype: torch.dtype):
+    """``(W0 + ε, std)``: the row std ``scale·‖W0_i + s·(B·A)_i‖`` computed in the same pass that
+    writes W0 + ε (W0 read once for both), from ``norms`` (``‖W0_i‖²``, cached by the caller, the LoRA
+    factors ``A`` ``(r, n)`` and ``B`` ``(m, r)``, ``s`` and ``scale``). The same ε as
+    :func:`noisy_rows` with that std.
+
+    Raises:
+        ValueError: a dtype the kernel does not write.
+    """
+    _check(dtype, weight_rows)
+    a, b, sq, s, scale = norms.lora_a, norms.lora_b, norms.base_sq, float(norms.s), float(norms.scale)
+    return _noisy_rows_normed_op(weight_rows, a, b, sq, s, scale, seed & _SEED, dtype)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ._noise import NoiseWorkspace, noisy_rows, standard_normal
+from ._noise import NoiseWorkspace, RowNorms, noisy_rows, standard_normal
 from ._peft import Geometry
 from ._sharded import sum_squares
 
@@ -78,6 +78,8 @@ class _NoisyBase(torch.autograd.Function):
         w_dtype = dtype or (weight_rows.dtype if weight_rows is not None else x.dtype)
         keep = keep and ctx.needs_input_grad[0]
         w = noisy_rows(weight_rows, row_std, geo.n, seed, w_dtype, workspace, reuse_out=not keep)
+        if isinstance(row_std, RowNorms):  # the kernel computed the stds in its pass over W0
+            row_std = row_std.std
         ctx.geo, ctx.seed, ctx.keep, ctx.x_shape, ctx.x_dtype = geo, seed, keep, x.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.w_dtype, ctx.workspace = w_dtype, workspace
@@ -107,7 +109,7 @@ def noisy_base_op(
     geo: Geometry,
     weight_rows: torch.Tensor | None,
     bias: torch.Tensor | None,
-    row_std: torch.Tensor,
+    row_std: torch.Tensor | RowNorms,
     seed: int,
     keep: bool = False,
     workspace: NoiseWorkspace | None = None,
@@ -119,7 +121,8 @@ def noisy_base_op(
         geo: Geometry of the adapted layer.
         weight_rows: Frozen weight as ``(m, n)`` rows, or ``None`` to return only ``op(x, ε)``.
         bias: Base bias (``None`` if absent or when ``weight_rows`` is ``None``).
-        row_std: ``(m,)`` fp32 noise standard deviation per row.
+        row_std: ``(m,)`` fp32 noise standard deviation per row, or ``_noise.RowNorms`` for the Triton
+            kernel to compute it in the same pass (left in ``row_std.std``).
         seed: Generator seed of this (step, layer).
         keep: Save ``W0 + ε`` for backward instead of regenerating it.
         workspace: Reused buffers for the draws (CPU); ``None`` allocates fresh ones.

@@ -32,6 +32,7 @@ from .rank_scale import add_rank_scale_hook, check_rank_scalable, fold_rank_scal
 from .weights import (
     Geometry,
     base_bias,
+    base_row_sq,
     base_rows,
     dense_weight,
     dequantized,
@@ -39,6 +40,7 @@ from .weights import (
     effective_rows,
     geometry,
     patched_base_forward,
+    plain_lora_factors,
     row_norms,
 )
 
@@ -53,6 +55,7 @@ __all__ = [
     "aux_factors",
     "aux_parameters",
     "base_bias",
+    "base_row_sq",
     "base_rows",
     "check_peft_model",
     "check_rank_scalable",
@@ -66,6 +69,7 @@ __all__ = [
     "lora_factors",
     "lora_layers",
     "patched_base_forward",
+    "plain_lora_factors",
     "prune_saved_adapters",
     "rank_factors",
     "remove_aux_adapter",

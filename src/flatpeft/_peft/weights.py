@@ -18,6 +18,7 @@ from .model import scaling
 __all__ = [
     "Geometry",
     "base_bias",
+    "base_row_sq",
     "base_rows",
     "dense_weight",
     "dequantized",
@@ -25,6 +26,7 @@ __all__ = [
     "effective_rows",
     "geometry",
     "patched_base_forward",
+    "plain_lora_factors",
 ]
 
 
@@ -166,7 +168,7 @@ def row_norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=1, dtype=wide).float()
 
 
-def _base_sq(layer: nn.Module, w0: torch.Tensor, cache: dict | None) -> torch.Tensor:
+def base_row_sq(layer: nn.Module, w0: torch.Tensor, cache: dict | None) -> torch.Tensor:
     """‖W0_i‖² in fp32, from ``cache`` while the stored weight is unchanged (same object, dtype,
     device, shape and in-place version counter), else computed (and cached)."""
     if cache is None:
@@ -178,14 +180,26 @@ def _base_sq(layer: nn.Module, w0: torch.Tensor, cache: dict | None) -> torch.Te
     return cache["value"]
 
 
+def plain_lora_factors(
+    layer: nn.Module, geo: Geometry, adapter: str
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(A, B, s)`` with W' = W0 + s·B·A on the ``(m, n)`` rows, A ``(r, n)`` and B ``(m, r)`` in fp32,
+    for a linear layer whose delta is exactly that; ``None`` for convolutions and LoRA variants whose
+    delta is not s·B·A of ``nn.Linear`` factors (DoRA, AdaLoRA's SVD factors)."""
+    plain = isinstance(layer.lora_B[adapter], nn.Module) if adapter in layer.lora_B else False
+    if geo.kind == "conv" or adapter in getattr(layer, "lora_variant", {}) or not plain:
+        return None
+    return layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float(), scaling(layer, adapter)
+
+
 def effective_row_norms(
     layer: nn.Module, geo: Geometry, adapter: str, cache: dict | None = None
 ) -> torch.Tensor:
     """‖W'_i‖₂ for every row of W' = W0 + s·B·A, in fp32, without forming W'.
 
-    ‖W'_i‖² = ‖W0_i‖² + 2s·⟨(W0·Aᵀ)_i, B_i⟩ + s²·B_i(A·Aᵀ)B_iᵀ costs one read of W0 and one
-    (m·n·r) product instead of materialising B·A and W'. Convolutions and LoRA variants whose delta
-    is not s·B·A of ``nn.Linear`` factors (DoRA, AdaLoRA's SVD factors) go through :func:`effective_rows`.
+    ‖W'_i‖² = ‖W0_i‖² + s·B_i·(2·(W0·Aᵀ)_i + s·(B·A·Aᵀ)_i)ᵀ costs one read of W0 and one (m·n·r)
+    product instead of materialising B·A and W', plus a few (m × r)-sized operations. Layers without
+    plain factors (:func:`plain_lora_factors`) go through :func:`effective_rows`.
 
     Args:
         cache: A dict the caller keeps per layer: ‖W0_i‖² (W0 is frozen) is then computed once and
@@ -193,17 +207,16 @@ def effective_row_norms(
             term's W0·Aᵀ product alone. Call where the whole weight is at hand (inside the layer's
             forward under FSDP2, where the weight is unsharded).
     """
-    plain = isinstance(layer.lora_B[adapter], nn.Module) if adapter in layer.lora_B else False
-    if geo.kind == "conv" or adapter in getattr(layer, "lora_variant", {}) or not plain:
+    factors = plain_lora_factors(layer, geo, adapter)
+    if factors is None:
         return effective_rows(layer, geo, adapter).norm(dim=1)
-    s = scaling(layer, adapter)
-    b = layer.lora_B[adapter].weight.float()
-    a = layer.lora_A[adapter].weight.float()
+    a, b, s = factors
     w0 = base_rows(layer, geo)
-    base_sq = _base_sq(layer, w0, cache)
-    cross = ((w0 @ a.t().to(w0.dtype)).float() * b).sum(1)
-    quad = ((b @ (a @ a.t())) * b).sum(1)
-    return (base_sq + 2 * s * cross + s * s * quad).clamp_min_(0).sqrt_()
+    base_sq = base_row_sq(layer, w0, cache)
+    cross = (w0 @ a.t().to(w0.dtype)).float()  # (W0·Aᵀ), m × r
+    terms = torch.addmm(cross, b, a @ a.t(), beta=2.0, alpha=s)  # 2·W0·Aᵀ + s·B·A·Aᵀ
+    lora_sq = torch.bmm(terms.unsqueeze(1), b.unsqueeze(2)).view(-1)  # row-wise ⟨terms_i, B_i⟩
+    return base_sq.add(lora_sq, alpha=s).clamp_min_(0).sqrt_()
 
 
 def base_bias(layer: nn.Module) -> torch.Tensor | None:

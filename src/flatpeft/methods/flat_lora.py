@@ -25,7 +25,8 @@ The noise path (``_noise``) moves as few bytes as it can: W0 + σ·z is one fuse
 (Philox keyed by the (seed, t, layer) seed), one ``addcmul`` into reused buffers elsewhere, with the
 CPU draws split into fixed chunks drawn on every core. ‖W0_i‖² is computed once per layer (W0 is
 frozen) and only the LoRA terms of ‖W'_i‖² = ‖W0_i‖² + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖² are
-recomputed per step; the cross term is (W0·Aᵀ)_i·B_i, one read of W0.
+recomputed per step: on the kernel path by the step's first draw itself, in the same pass over W0
+(``_noise.RowNorms``), elsewhere as (W0·Aᵀ)_i·B_i, one more read of W0.
 
 Pitfalls: T must be the number of *optimizer* steps (``FlatTrainer`` reads it from the Trainer; in a
 plain loop pass ``total_steps``); σ_t = 0 at t = 0 with the cosine ramp, so the first step is plain
@@ -42,7 +43,7 @@ from typing import Literal
 import torch
 
 from .. import _peft
-from .._noise import NoiseWorkspace
+from .._noise import NoiseWorkspace, RowNorms, use_kernel
 from ..config import MethodConfig, option
 from ..method import Method
 from ..perturb import filter_noise, mix_seed, noisy_base_op, perturbed_parameters
@@ -173,17 +174,30 @@ class FlatLoRA(Method):
         return [self._row_std(i) for i in range(len(self.layers))]
 
     @torch.no_grad()
-    def _row_std(self, index: int) -> torch.Tensor:
+    def _row_std(self, index: int, rows: torch.Tensor | None = None) -> torch.Tensor | RowNorms:
         """σ_t‖W'_i‖/√n of layer ``index``, computed once per optimizer step from the weights at its
         start. Called inside the layer's forward, where an FSDP2-sharded weight is whole, and outside
-        autocast, so sharded, checkpointed and mixed-precision runs see the same norms."""
+        autocast, so sharded, checkpointed and mixed-precision runs see the same norms.
+
+        Given the frozen ``rows`` on the Triton kernel's path, the first call of a step returns the
+        :class:`RowNorms` for the kernel to compute the stds in its own pass over W0 (the forward then
+        stores them here); later calls of the step get the stored stds.
+        """
         if self._std_step != self.step:
             self._stds, self._std_step = [None] * len(self.layers), self.step
         if self._stds[index] is None:
             layer, geo = self.layers[index][1], self.geos[index]
+            scale = self.sigma_t() / math.sqrt(geo.n)
+            factors = None
+            if rows is not None and rows.dtype != torch.float64 and use_kernel(rows.device):
+                factors = _peft.plain_lora_factors(layer, geo, self.adapter)
+            if factors is not None:
+                a, b, s = factors
+                base_sq = _peft.base_row_sq(layer, rows, self._base_sq[index])
+                return RowNorms(a.detach(), b.detach(), base_sq, s, scale)
             with torch.autocast(geo.base.weight.device.type, enabled=False):
                 norms = _peft.effective_row_norms(layer, geo, self.adapter, self._base_sq[index])
-            self._stds[index] = norms.mul_(self.sigma_t() / math.sqrt(geo.n))
+            self._stds[index] = norms.mul_(scale)
         return self._stds[index]
 
     def _layer_seed(self, index: int) -> int:
@@ -202,15 +216,19 @@ class FlatLoRA(Method):
         ws = self._workspace
 
         def forward(x, original):
-            std = self._row_std(index)
             weight = _peft.dense_weight(layer)
             dtype = (
                 torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
             )
             keep = self._keeps(index, dtype or (weight.dtype if weight is not None else x.dtype))
             if weight is None:  # quantized base: add op(x, ε) to the base layer's own output
-                return original(x) + noisy_base_op(x, geo, None, None, std, seed, keep, ws)
-            return noisy_base_op(x, geo, geo.rows(weight), _peft.base_bias(layer), std, seed, keep, ws)
+                return original(x) + noisy_base_op(x, geo, None, None, self._row_std(index), seed, keep, ws)
+            rows = geo.rows(weight)
+            std = self._row_std(index, rows)
+            out = noisy_base_op(x, geo, rows, _peft.base_bias(layer), std, seed, keep, ws)
+            if isinstance(std, RowNorms):
+                self._stds[index] = std.std
+            return out
 
         return forward
 
