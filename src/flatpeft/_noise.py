@@ -15,12 +15,12 @@ The standard normals z of one seed, per device:
 
 - CPU: the flattened ``(m, n)`` tensor is cut into fixed chunks of :data:`CHUNK` elements; chunk 0
   is drawn by a ``torch.Generator`` seeded with ``seed`` itself and chunk ``k > 0`` by one seeded
-  with ``mix_seed(seed, k)``. The chunks are drawn in parallel, in contiguous runs, one per thread
-  (``torch.get_num_threads()`` threads, the calling one included; ``normal_`` releases the GIL),
-  and the values do not depend on the thread count. A tensor of at most :data:`CHUNK` entries gets
-  exactly ``torch.randn((m, n), generator=seeded)``. (Right after an OpenMP region, such as the
-  previous layer's matmul, libgomp's default spin-wait holds the other cores for a few ms, so in a
-  training step the draws run at about one core's speed; see the README, Overhead.)
+  with ``mix_seed(seed, k)``. The chunks are drawn in parallel, each thread taking the next chunk
+  left (``torch.get_num_threads()`` threads, the calling one included; ``normal_`` releases the
+  GIL), and the values depend neither on the thread count nor on which thread drew what. A tensor
+  of at most :data:`CHUNK` entries gets exactly ``torch.randn((m, n), generator=seeded)``. Right
+  after an OpenMP region (the previous layer's matmul), libgomp's default spin-wait holds the other
+  cores for a few ms, and the calling thread then draws most chunks itself (see the README, Overhead).
 - CUDA, plain path: one ``torch.randn`` with a CUDA generator seeded with ``seed``, in the compute
   dtype (bf16 normals in a bf16 run).
 - Triton kernel: Philox-4x32-10 words, see ``_noise_triton``; independent of the GPU model.
@@ -102,24 +102,26 @@ def standard_normal(
     flat = out.view(-1)
     chunks = -(-flat.numel() // CHUNK)
 
-    def fill(first: int, last: int) -> None:  # chunks [first, last), one generator each
-        for k in range(first, last):
+    def fill(order) -> None:  # the chunks this thread takes from the shared order, one generator each
+        for k in order:
             gen = torch.Generator()
             gen.manual_seed(chunk_seed(seed, k))
             flat[k * CHUNK : (k + 1) * CHUNK].normal_(generator=gen)
 
-    parts = min(torch.get_num_threads(), chunks)
-    if parts <= 1:
-        fill(0, chunks)
+    helpers = min(torch.get_num_threads(), chunks) - 1
+    if helpers < 1:
+        fill(range(chunks))
         return out
-    # Contiguous runs of whole chunks, one per thread; the calling thread draws the first run itself
-    # (normal_ releases the GIL), so a draw never waits on a busy pool for its own share.
-    bounds = [chunks * p // parts for p in range(parts + 1)]
-    pool = _threads_pool(parts - 1)
-    pending = [pool.submit(fill, bounds[p], bounds[p + 1]) for p in range(1, parts)]
-    fill(bounds[0], bounds[1])
+    # The calling thread and the pool's threads take chunks from one shared iterator (next() on it
+    # is atomic under the GIL; normal_ releases the GIL) until none is left, so a pool thread that
+    # gets no core (an OpenMP worker still spinning after a matmul holds it) leaves its share to the
+    # others instead of being waited for; one that never started is cancelled.
+    order = iter(range(chunks))
+    pending = [_threads_pool(helpers).submit(fill, order) for _ in range(helpers)]
+    fill(order)
     for job in pending:
-        job.result()
+        if not job.cancel():
+            job.result()
     return out
 
 
