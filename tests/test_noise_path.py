@@ -133,3 +133,21 @@ def test_keep_budget_needs_keep_and_a_non_negative_value():
         flatpeft.attach(model, "flat_lora", sigma=0.1, schedule="constant", keep_budget_gb=1.0)
     with pytest.raises(ValueError, match="keep_budget_gb"):
         flatpeft.attach(model, "flat_lora", schedule="constant", noise_memory="keep", keep_budget_gb=-1.0)
+
+
+def test_cpu_half_precision_rows_are_the_bits_of_one_mixed_dtype_addcmul():
+    """bf16/fp16 W0 with fp32 noise goes through a reused fp32 buffer instead of one mixed-dtype
+    ``addcmul`` (CPU temporaries); the result is the same bits, with or without a workspace."""
+    torch.manual_seed(0)
+    m, n, seed = 300, 257, 11
+    std = torch.rand(m) * 0.1
+    z = filter_noise(torch.ones(m), n, seed)
+    ws = _noise.NoiseWorkspace()
+    for dtype in (torch.bfloat16, torch.float16):
+        stored = torch.randn(n, m).to(dtype)  # strided rows (GPT-2 Conv1D)
+        w = stored.t()
+        one_op = torch.addcmul(w, std[:, None], z).to(dtype)  # computed in fp32, rounded once
+        for workspace in (ws, None):
+            got = _noise.noisy_rows(w, std, n, seed, dtype, workspace, reuse_out=workspace is not None)
+            assert got.dtype == dtype and torch.equal(got, one_op), (dtype, workspace)
+        assert torch.equal(stored.t(), w)
