@@ -14,12 +14,14 @@ The stream (fixed, part of the noise's definition; :data:`BLOCK` = 1024):
   covering n/4, from 16 to BLOCK); entry j of row i takes word q = (j mod 4Q) // Q of counter
   c = (i·T + j // 4Q)·Q + j mod Q. Rows never share a counter.
 
-One program writes one row. ``noisy_rows`` is given the row stds; ``noisy_rows_normed`` computes
-them in the same program from ‖W0_i‖² (cached by the caller: W0 is frozen) and the LoRA factors,
-‖W'_i‖² = ‖W0_i‖² + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², summed over tiles of W0_i that the noise loop
-then reads again while they are still in cache: one read of W0 per step for the norms and the first
-draw together. It writes the stds out for the backward's regeneration, which reads them back as
-the same fp32 values and so writes the same W0 + ε.
+One program writes a block of rows (16; 4 for ranks above 64). ``noisy_rows`` is given the row
+stds; ``noisy_rows_normed`` computes them in the same program from ‖W0_i‖² (cached by the caller:
+W0 is frozen) and the LoRA factors, ‖W'_i‖² = ‖W0_i‖² + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², summed
+over tiles of the block's rows of W0 (each tile of A loaded once per block, so A is read m/16 times
+from cache, not m times), which the noise loop then reads again while they are still in cache:
+one read of W0 per step from memory for the norms and the first draw together. It writes the
+stds out for the backward's regeneration, which reads them back as the same fp32 values and so
+writes the same W0 + ε.
 
 The seed is Flat-LoRA's ``mix_seed(seed, step, layer, rank)``, so forward and backward (and an
 activation-checkpointing recompute) regenerate the identical ε, and the values depend neither on the
@@ -79,46 +81,63 @@ if triton is not None:
             tl.store(out_row + j, val.to(out_row.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _row_std(w_row, stride_n, n, a_ptr, b_row, r, sq, s, scale, R: tl.constexpr, NB: tl.constexpr):
-        """σ_t‖W'_i‖/√n of one row: ‖W0_i‖² (given) + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², W0_i read once."""
+    def _row_stds(
+        w_ptr, rows, live, stride_m, stride_n, n, a_ptr, b_ptr, r, sq_ptr, s, scale,
+        R: tl.constexpr, NB: tl.constexpr,
+    ):  # fmt: skip
+        """σ_t‖W'_i‖/√n of a block of rows: ‖W0_i‖² (given) + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², each
+        W0_i read once; every tile of A is loaded once for the whole block of rows."""
         k = tl.arange(0, R)
-        b = tl.load(b_row + k, mask=k < r, other=0.0)
-        cross = tl.zeros((NB,), tl.float32)
-        quad = tl.zeros((NB,), tl.float32)
+        b = tl.load(b_ptr + rows[:, None] * r + k[None, :], mask=live[:, None] & (k[None, :] < r), other=0.0)
+        cross = tl.zeros(rows.shape, tl.float32)
+        quad = tl.zeros(rows.shape, tl.float32)
         for j0 in range(0, n, NB):
             j = j0 + tl.arange(0, NB)
-            mask = j < n
-            w = tl.load(w_row + j * stride_n, mask=mask, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + k[:, None] * n + j[None, :], mask=(k[:, None] < r) & mask[None, :], other=0.0)
-            delta = tl.sum(b[:, None] * a, axis=0)  # (B·A)_i on this tile
-            cross += w * delta
-            quad += delta * delta
-        total = sq + 2.0 * s * tl.sum(cross, axis=0) + s * s * tl.sum(quad, axis=0)
-        return scale * tl.sqrt(tl.maximum(total, 0.0))
+            cols = j < n
+            w = tl.load(
+                w_ptr + rows[:, None] * stride_m + j[None, :] * stride_n,
+                mask=live[:, None] & cols[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            a = tl.load(a_ptr + k[:, None] * n + j[None, :], mask=(k[:, None] < r) & cols[None, :], other=0.0)
+            delta = tl.sum(b[:, :, None] * a[None, :, :], axis=1)  # (B·A) on this tile, one row each
+            cross += tl.sum(w * delta, axis=1)
+            quad += tl.sum(delta * delta, axis=1)
+        sq = tl.load(sq_ptr + rows, mask=live, other=0.0)
+        return scale * tl.sqrt(tl.maximum(sq + 2.0 * s * cross + s * s * quad, 0.0))
 
     @triton.jit
     def _noisy_rows_kernel(
-        w_ptr, std_ptr, out_ptr, a_ptr, b_ptr, sq_ptr, seed, n, stride_m, stride_n, r, s, scale,
+        w_ptr, std_ptr, out_ptr, a_ptr, b_ptr, sq_ptr, seed, m, n, stride_m, stride_n, r, s, scale,
         HAS_W: tl.constexpr, NORM: tl.constexpr, BF16: tl.constexpr, Q: tl.constexpr,
-        R: tl.constexpr, NB: tl.constexpr,
+        R: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr,
     ):  # fmt: skip
-        i = tl.program_id(0).to(tl.int64)
-        w_row = w_ptr + i * stride_m
-        out_row = out_ptr + i * n
-        if NORM:  # the row's std from W0 and the LoRA factors, written for the backward's regeneration
-            std = _row_std(w_row, stride_n, n, a_ptr, b_ptr + i * r, r, tl.load(sq_ptr + i), s, scale, R, NB)
-            tl.store(std_ptr + i, std)
+        first = tl.program_id(0).to(tl.int64) * BM
+        block = tl.arange(0, BM)
+        rows = first + block
+        live = rows < m
+        if NORM:  # the rows' stds from W0 and the LoRA factors, written for the backward's regeneration
+            stds = _row_stds(
+                w_ptr, rows, live, stride_m, stride_n, n, a_ptr, b_ptr, r, sq_ptr, s, scale, R, NB
+            )
+            tl.store(std_ptr + rows, stds, mask=live)
         else:
-            std = tl.load(std_ptr + i)
+            stds = tl.load(std_ptr + rows, mask=live, other=0.0)
         tiles = tl.cdiv(n, 4 * Q)
         lane = tl.arange(0, Q).to(tl.int64)
-        for t in range(0, tiles):
-            z0, z1, z2, z3 = tl.randn4x(seed, (i * tiles + t) * Q + lane)
-            j = t * (4 * Q) + lane
-            _store(out_row, w_row, stride_n, j, n, std, z0, HAS_W, BF16)
-            _store(out_row, w_row, stride_n, j + Q, n, std, z1, HAS_W, BF16)
-            _store(out_row, w_row, stride_n, j + 2 * Q, n, std, z2, HAS_W, BF16)
-            _store(out_row, w_row, stride_n, j + 3 * Q, n, std, z3, HAS_W, BF16)
+        for row in tl.static_range(BM):
+            i = first + row
+            std = tl.sum(tl.where(block == row, stds, 0.0), axis=0)
+            width = tl.where(i < m, n, 0)  # a row past the end stores nothing
+            w_row = w_ptr + i * stride_m
+            out_row = out_ptr + i * n
+            for t in range(0, tiles):
+                z0, z1, z2, z3 = tl.randn4x(seed, (i * tiles + t) * Q + lane)
+                j = t * (4 * Q) + lane
+                _store(out_row, w_row, stride_n, j, width, std, z0, HAS_W, BF16)
+                _store(out_row, w_row, stride_n, j + Q, width, std, z1, HAS_W, BF16)
+                _store(out_row, w_row, stride_n, j + 2 * Q, width, std, z2, HAS_W, BF16)
+                _store(out_row, w_row, stride_n, j + 3 * Q, width, std, z3, HAS_W, BF16)
 
     @triton.jit
     def _philox_words_kernel(out_ptr, seed, counter_ptr, count, BLOCK: tl.constexpr):
@@ -147,16 +166,17 @@ def lanes(n: int) -> int:
 
 
 def _launch(weight, std, out, seed, n, norms=None) -> None:
-    """One program per row; ``norms = (A, B, ‖W0_i‖², s, scale)`` computes ``std`` in the kernel."""
+    """Blocks of ``BM`` rows per program; ``norms = (A, B, ‖W0_i‖², s, scale)`` computes ``std``."""
     m = out.shape[0]
     w, sm, sn = (out, 0, 0) if weight is None else (weight, weight.stride(0), weight.stride(1))
     a, b, sq, s, scale = norms if norms is not None else (std, std, std, 0.0, 0.0)
     r = a.shape[0] if norms is not None else 0
     rp = triton.next_power_of_2(max(r, 1))
-    _noisy_rows_kernel[(m,)](
-        w, std, out, a, b, sq, seed, n, sm, sn, r, s, scale,
+    bm = 16 if rp <= 64 else 4  # rows sharing each loaded tile of A: (BM, R, NB) products in registers
+    _noisy_rows_kernel[(triton.cdiv(m, bm),)](
+        w, std, out, a, b, sq, seed, m, n, sm, sn, r, s, scale,
         HAS_W=weight is not None, NORM=norms is not None, BF16=out.dtype == torch.bfloat16,
-        Q=lanes(n), R=rp, NB=max(16, min(1024, 4096 // rp)),
+        Q=lanes(n), R=rp, NB=max(16, min(256, 8192 // (bm * rp))), BM=bm,
     )  # fmt: skip
 
 
