@@ -14,14 +14,15 @@ The stream (fixed, part of the noise's definition; :data:`BLOCK` = 1024):
   covering n/4, from 16 to BLOCK); entry j of row i takes word q = (j mod 4Q) // Q of counter
   c = (i·T + j // 4Q)·Q + j mod Q. Rows never share a counter.
 
-One program writes a block of rows (16; 4 for ranks above 64). ``noisy_rows`` is given the row
-stds; ``noisy_rows_normed`` computes them in the same program from ‖W0_i‖² (cached by the caller:
-W0 is frozen) and the LoRA factors, ‖W'_i‖² = ‖W0_i‖² + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², summed
-over tiles of the block's rows of W0 (each tile of A loaded once per block, so A is read m/16 times
-from cache, not m times), which the noise loop then reads again while they are still in cache:
-one read of W0 per step from memory for the norms and the first draw together. It writes the
-stds out for the backward's regeneration, which reads them back as the same fp32 values and so
-writes the same W0 + ε.
+One program writes a block of rows (16 with the norms, 4 for ranks above 64; 1 without).
+``noisy_rows`` is given the row stds; ``noisy_rows_normed`` computes them in the same program from
+‖W0_i‖² (cached by the caller: W0 is frozen) and the LoRA factors, ‖W'_i‖² = ‖W0_i‖² +
+2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², summed over tiles of the block's rows of W0 (each tile of A loaded
+once per block, so A is read m/16 times from cache, not m times), which the noise loop then reads
+again while they are still in cache: one read of W0 per step from memory for the norms and the
+first draw together. It writes the stds out for the backward's regeneration, which reads them back
+as the same fp32 values and so writes the same W0 + ε. The block sizes set the launch and the order
+of the norms' sums, not the stream.
 
 The seed is Flat-LoRA's ``mix_seed(seed, step, layer, rank)``, so forward and backward (and an
 activation-checkpointing recompute) regenerate the identical ε, and the values depend neither on the
@@ -172,7 +173,9 @@ def _launch(weight, std, out, seed, n, norms=None) -> None:
     a, b, sq, s, scale = norms if norms is not None else (std, std, std, 0.0, 0.0)
     r = a.shape[0] if norms is not None else 0
     rp = triton.next_power_of_2(max(r, 1))
-    bm = 16 if rp <= 64 else 4  # rows sharing each loaded tile of A: (BM, R, NB) products in registers
+    # Rows per program: with the norms, 16 share each loaded tile of A ((BM, R, NB) products in
+    # registers, so 4 for ranks above 64); without, one, for the most programs in flight.
+    bm = 1 if norms is None else 16 if rp <= 64 else 4
     _noisy_rows_kernel[(triton.cdiv(m, bm),)](
         w, std, out, a, b, sq, seed, m, n, sm, sn, r, s, scale,
         HAS_W=weight is not None, NORM=norms is not None, BF16=out.dtype == torch.bfloat16,
