@@ -237,3 +237,11 @@ def test_importing_and_a_tiny_train_print_no_bitsandbytes_kernel_warning(tmp_pat
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "kernels-community" not in proc.stderr and "gemm_4bit" not in proc.stderr, proc.stderr
+
+
+def test_compare_max_length_beyond_the_model_is_refused_before_writing(tmp_path, capsys, small_csv):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", "tiny", "--data", small_csv, "--methods", "lora", "--seeds", "0"]
+    code, err = run_cli([*argv, "--max-length", "100000", "--out", str(out)], capsys)
+    assert code == 2 and "max_length=100000 is more than the model's max_position_embeddings (512)" in err
+    assert "--max-length 512 or less" in err and not out.exists()

@@ -173,6 +173,20 @@ def test_resume_refuses_changed_data_and_resolves_a_relative_path(tmp_path, monk
     assert train_lib.train({"out": str(out), "resume": True, "progress": False})["steps"] == 4
 
 
+def test_a_relative_eval_data_path_is_recorded_absolute_and_resumes_from_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_csv(tmp_path / "d.csv")
+    make_csv(tmp_path / "extra.csv")
+    out = tmp_path / "run"
+    _crashed_run(monkeypatch, "d.csv", out, eval_data=["extra.csv"])  # relative --eval-data
+    saved = json.loads((out / "config.json").read_text())["config"]["eval_data"]
+    assert saved == [str(tmp_path / "extra.csv")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # extra.csv is not reachable by its relative name from here
+    assert train_lib.train({"out": str(out), "resume": True, "progress": False})["steps"] == 4
+
+
 # -- 4. one writer per run folder ----------------------------------------------------------------------
 
 

@@ -146,13 +146,25 @@ def load_state(file: str | Path) -> Any:
         ) from e
 
 
+def _absolute(name: Any) -> Any:
+    if isinstance(name, str) and name and Path(name).expanduser().exists():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
 def absolute_data(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with a ``data`` that names a local file or folder made absolute (a Hub name or
-    ``tweets`` stays as it is), so that the run folder records where the data is, whatever the cwd."""
-    data = options.get("data")
-    if isinstance(data, str) and data and Path(data).expanduser().exists():
-        return {**options, "data": str(Path(data).expanduser().resolve())}
-    return options
+    """``options`` with ``data`` and each ``eval_data`` source that names a local file or folder made
+    absolute (a Hub name or ``tweets`` stays as it is), so that the run folder records where the data
+    is, whatever the cwd of a later ``--resume`` or ``flatpeft eval``."""
+    out = dict(options)
+    if "data" in out:
+        out["data"] = _absolute(out["data"])
+    extra = out.get("eval_data")
+    if isinstance(extra, str):
+        out["eval_data"] = _absolute(extra)
+    elif isinstance(extra, list | tuple):
+        out["eval_data"] = [_absolute(e) for e in extra]
+    return out
 
 
 class RunLock:

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from . import data as data_lib
 from . import models as model_lib
 from . import train as train_lib
 from ._strict_json import dumps, write_json
+from ._train_config import check_model_limits
 from .registry import list_methods
 
 __all__ = ["Row", "compare", "expand_specs", "parse_seeds", "run_compare"]
@@ -246,7 +248,8 @@ def _compare(
             train_lib._method_config(cfg, 1)  # validates the method options
             plan.append((row, seed, cfg))
     _check_folder_names(rows, seeds[0])
-    model_lib.resolve_model(base.model, base.task)
+    config, tokenizer = model_lib.model_limits(base.model, base.task)
+    check_model_limits(base, types.SimpleNamespace(config=config), tokenizer)  # before the folder
     splits = data_lib.load_splits(  # validates the data and the split once, for every run
         base.data, task=base.task, text_column=base.text_column, label_column=base.label_column,
         prompt_column=base.prompt_column, response_column=base.response_column, val_size=base.val_size,

@@ -36,6 +36,7 @@ __all__ = [
     "ModelError",
     "load_model",
     "minilm_path",
+    "model_limits",
     "resolve_model",
     "smollm2_path",
     "tiny_tokenizer",
@@ -282,6 +283,29 @@ def _tiny_model(task: str, num_labels: int, vocab_size: int) -> nn.Module:
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg)
+
+
+def model_limits(name: str, task: str) -> tuple[Any, Any]:
+    """``(config, tokenizer)`` of ``name`` without its weights: what bounds ``--max-length``
+    (``max_position_embeddings``, the tokenizer's ``model_max_length``), for a check made before
+    anything is written.
+
+    Raises:
+        ModelError: see :func:`resolve_model`, and load failures with their cause.
+    """
+    target = resolve_model(name, task)
+    if target == "tiny":
+        tokenizer = tiny_tokenizer(task)
+        return _tiny_model(task, 2, len(tokenizer)).config, tokenizer
+    if target == "smollm2":
+        target = str(smollm2_path())
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(target), AutoTokenizer.from_pretrained(target)
+    except OSError as e:
+        raise ModelError(f"could not load model {name!r}: {e}") from e
 
 
 def load_model(
