@@ -84,14 +84,14 @@ if triton is not None:
     @triton.jit
     def _row_stds(
         w_ptr, rows, live, stride_m, stride_n, n, a_ptr, b_ptr, r, sq_ptr, s, scale,
-        R: tl.constexpr, NB: tl.constexpr,
+        R: tl.constexpr, NB: tl.constexpr, BM: tl.constexpr,
     ):  # fmt: skip
         """σ_t‖W'_i‖/√n of a block of rows: ‖W0_i‖² (given) + 2s⟨W0_i, (BA)_i⟩ + s²‖(BA)_i‖², each
         W0_i read once; every tile of A is loaded once for the whole block of rows."""
         k = tl.arange(0, R)
         b = tl.load(b_ptr + rows[:, None] * r + k[None, :], mask=live[:, None] & (k[None, :] < r), other=0.0)
-        cross = tl.zeros(rows.shape, tl.float32)
-        quad = tl.zeros(rows.shape, tl.float32)
+        cross = tl.zeros((BM,), dtype=tl.float32)
+        quad = tl.zeros((BM,), dtype=tl.float32)
         for j0 in range(0, n, NB):
             j = j0 + tl.arange(0, NB)
             cols = j < n
@@ -119,14 +119,14 @@ if triton is not None:
         live = rows < m
         if NORM:  # the rows' stds from W0 and the LoRA factors, written for the backward's regeneration
             stds = _row_stds(
-                w_ptr, rows, live, stride_m, stride_n, n, a_ptr, b_ptr, r, sq_ptr, s, scale, R, NB
+                w_ptr, rows, live, stride_m, stride_n, n, a_ptr, b_ptr, r, sq_ptr, s, scale, R, NB, BM
             )
             tl.store(std_ptr + rows, stds, mask=live)
         else:
             stds = tl.load(std_ptr + rows, mask=live, other=0.0)
         tiles = tl.cdiv(n, 4 * Q)
         lane = tl.arange(0, Q).to(tl.int64)
-        for row in tl.static_range(BM):
+        for row in range(0, BM):  # a loop, not unrolled: one copy of the tile loop in the code
             i = first + row
             std = tl.sum(tl.where(block == row, stds, 0.0), axis=0)
             width = tl.where(i < m, n, 0)  # a row past the end stores nothing
@@ -180,6 +180,7 @@ def _launch(weight, std, out, seed, n, norms=None) -> None:
         w, std, out, a, b, sq, seed, m, n, sm, sn, r, s, scale,
         HAS_W=weight is not None, NORM=norms is not None, BF16=out.dtype == torch.bfloat16,
         Q=lanes(n), R=rp, NB=max(16, min(256, 8192 // (bm * rp))), BM=bm,
+        enable_fp_fusion=False,  # std·z + W0 as a product then a sum, the formula tested: no FMA
     )  # fmt: skip
 
 
