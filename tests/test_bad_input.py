@@ -85,17 +85,17 @@ def test_tokenizer_model_max_length_is_a_limit_and_its_sentinel_is_not():
     cfg = TrainConfig(max_length=300)
     model = tiny_bert()  # 64 positions
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        check_model_limits(cfg, model, None)
+        check_model_limits(cfg, model.config, None)
 
     class Tokenizer:
         model_max_length = 256
 
     small = TrainConfig(max_length=32)
-    check_model_limits(small, model, Tokenizer())  # within both
+    check_model_limits(small, model.config, Tokenizer())  # within both
     with pytest.raises(ValueError, match=r"tokenizer's model_max_length \(256\)"):
-        check_model_limits(cfg, torch.nn.Linear(1, 1), Tokenizer())
+        check_model_limits(cfg, None, Tokenizer())
     Tokenizer.model_max_length = int(1e30)  # "no limit" as transformers reports it
-    check_model_limits(cfg, torch.nn.Linear(1, 1), Tokenizer())
+    check_model_limits(cfg, None, Tokenizer())
 
 
 def test_causal_lm_max_length_must_hold_a_prompt_and_a_response_token(tmp_path, capsys):

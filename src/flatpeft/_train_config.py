@@ -256,11 +256,10 @@ def check_type(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-def check_model_limits(cfg: TrainConfig, model: Any, tokenizer: Any) -> None:
-    """Raise ``ConfigError`` when ``cfg.max_length`` exceeds what the model can embed: its
+def check_model_limits(cfg: TrainConfig, config: Any, tokenizer: Any) -> None:
+    """Raise ``ConfigError`` when ``cfg.max_length`` exceeds what the model can embed: its config's
     ``max_position_embeddings`` (or ``n_positions``), or the tokenizer's ``model_max_length`` when that is
     a real limit (tokenizers without one report a huge sentinel). Called before anything is written."""
-    config = getattr(model, "config", None)
     limits = {}
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)

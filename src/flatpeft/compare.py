@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +248,7 @@ def _compare(
             plan.append((row, seed, cfg))
     _check_folder_names(rows, seeds[0])
     config, tokenizer = model_lib.model_limits(base.model, base.task)
-    check_model_limits(base, types.SimpleNamespace(config=config), tokenizer)  # before the folder
+    check_model_limits(base, config, tokenizer)  # before the folder
     splits = data_lib.load_splits(  # validates the data and the split once, for every run
         base.data, task=base.task, text_column=base.text_column, label_column=base.label_column,
         prompt_column=base.prompt_column, response_column=base.response_column, val_size=base.val_size,

@@ -252,11 +252,11 @@ def tiny_tokenizer(task: str = "classification") -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", **names)
 
 
-def _tiny_model(task: str, num_labels: int, vocab_size: int) -> nn.Module:
+def _tiny_config(task: str, num_labels: int, vocab_size: int) -> Any:
     if task == "classification":
-        from transformers import BertConfig, BertForSequenceClassification
+        from transformers import BertConfig
 
-        cfg = BertConfig(
+        return BertConfig(
             vocab_size=vocab_size,
             hidden_size=32,
             num_hidden_layers=2,
@@ -266,10 +266,9 @@ def _tiny_model(task: str, num_labels: int, vocab_size: int) -> nn.Module:
             num_labels=num_labels,
             pad_token_id=0,
         )
-        return BertForSequenceClassification(cfg)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -282,7 +281,13 @@ def _tiny_model(task: str, num_labels: int, vocab_size: int) -> nn.Module:
         eos_token_id=3,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(cfg)
+
+
+def _tiny_model(task: str, num_labels: int, vocab_size: int) -> nn.Module:
+    from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+    config = _tiny_config(task, num_labels, vocab_size)
+    return BertForSequenceClassification(config) if task == "classification" else LlamaForCausalLM(config)
 
 
 def model_limits(name: str, task: str) -> tuple[Any, Any]:
@@ -296,7 +301,7 @@ def model_limits(name: str, task: str) -> tuple[Any, Any]:
     target = resolve_model(name, task)
     if target == "tiny":
         tokenizer = tiny_tokenizer(task)
-        return _tiny_model(task, 2, len(tokenizer)).config, tokenizer
+        return _tiny_config(task, 2, len(tokenizer)), tokenizer
     if target == "smollm2":
         target = str(smollm2_path())
     from transformers import AutoConfig, AutoTokenizer

@@ -239,7 +239,7 @@ def prepare(cfg: TrainConfig, ranks: Ranks | None = None) -> Run:
     num_labels = max(len(splits.labels), 2)
     load_options = _scale.load_options(cfg, device)
     model, tokenizer = model_lib.load_model(cfg.model, cfg.task, num_labels, cfg.seed, **load_options)
-    check_model_limits(cfg, model, tokenizer)
+    check_model_limits(cfg, getattr(model, "config", None), tokenizer)
     if "quantization_config" not in load_options:  # a quantized model is loaded onto the device
         model.to(device)  # before the method attaches, so its buffers and auxiliary adapters follow
     model = _scale.prepare_base(model, cfg)
