@@ -43,8 +43,6 @@ VARIANTS = {  # name -> (NORM, HAS_W, dtype, LoRA rank)
 
 
 def compile_variant(norm: bool, has_w: bool, dtype: str, rank: int, arch: int, n: int) -> dict:
-    rp = triton.next_power_of_2(max(rank, 1))
-    bm = 1 if not norm else 16 if rp <= 64 else 4  # as _noise_triton._launch
     ptr = f"*{dtype}"
     signature = {
         "w_ptr": ptr, "std_ptr": "*fp32", "out_ptr": ptr, "a_ptr": "*fp32", "b_ptr": "*fp32",
@@ -52,9 +50,11 @@ def compile_variant(norm: bool, has_w: bool, dtype: str, rank: int, arch: int, n
         "r": "i32", "s": "fp32", "scale": "fp32",
     }  # fmt: skip
     constexprs = {
-        "HAS_W": has_w, "NORM": norm, "BF16": dtype == "bf16", "Q": K.lanes(n), "R": rp,
-        "NB": max(16, min(256, 8192 // (bm * rp))), "BM": bm,
-    }  # fmt: skip
+        "HAS_W": has_w,
+        "NORM": norm,
+        "BF16": dtype == "bf16",
+        **K.launch_meta(n, rank if norm else None),
+    }
     signature |= dict.fromkeys(constexprs, "constexpr")
     source = ASTSource(fn=K._noisy_rows_kernel, signature=signature, constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": False})

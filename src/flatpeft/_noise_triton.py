@@ -41,7 +41,7 @@ import torch
 
 from ._noise import RowNorms
 
-__all__ = ["BLOCK", "lanes", "noisy_rows", "noisy_rows_normed", "philox_words", "unavailable"]
+__all__ = ["BLOCK", "lanes", "launch_meta", "noisy_rows", "noisy_rows_normed", "philox_words", "unavailable"]
 
 BLOCK = 1024
 _SEED = (1 << 63) - 1
@@ -166,20 +166,26 @@ def lanes(n: int) -> int:
     return min(BLOCK, max(16, triton.next_power_of_2(-(-n // 4))))
 
 
+def launch_meta(n: int, rank: int | None) -> dict[str, int]:
+    """The kernel's compile-time sizes for rows of ``n`` entries: ``rank`` the LoRA rank when the
+    kernel computes the row norms, ``None`` when the stds are given. With the norms, ``BM`` = 16 rows
+    per program share each loaded tile of A ((BM, R, NB) products in registers, so 4 rows for ranks
+    above 64); without, one row, for the most programs in flight."""
+    rp = triton.next_power_of_2(max(rank or 1, 1))
+    bm = 1 if rank is None else 16 if rp <= 64 else 4
+    return {"Q": lanes(n), "R": rp, "NB": max(16, min(256, 8192 // (bm * rp))), "BM": bm}
+
+
 def _launch(weight, std, out, seed, n, norms=None) -> None:
-    """Blocks of ``BM`` rows per program; ``norms = (A, B, ‖W0_i‖², s, scale)`` computes ``std``."""
+    """One program per block of rows; ``norms = (A, B, ‖W0_i‖², s, scale)`` computes ``std``."""
     m = out.shape[0]
     w, sm, sn = (out, 0, 0) if weight is None else (weight, weight.stride(0), weight.stride(1))
     a, b, sq, s, scale = norms if norms is not None else (std, std, std, 0.0, 0.0)
     r = a.shape[0] if norms is not None else 0
-    rp = triton.next_power_of_2(max(r, 1))
-    # Rows per program: with the norms, 16 share each loaded tile of A ((BM, R, NB) products in
-    # registers, so 4 for ranks above 64); without, one, for the most programs in flight.
-    bm = 1 if norms is None else 16 if rp <= 64 else 4
-    _noisy_rows_kernel[(triton.cdiv(m, bm),)](
+    meta = launch_meta(n, r if norms is not None else None)
+    _noisy_rows_kernel[(triton.cdiv(m, meta["BM"]),)](
         w, std, out, a, b, sq, seed, m, n, sm, sn, r, s, scale,
-        HAS_W=weight is not None, NORM=norms is not None, BF16=out.dtype == torch.bfloat16,
-        Q=lanes(n), R=rp, NB=max(16, min(256, 8192 // (bm * rp))), BM=bm,
+        HAS_W=weight is not None, NORM=norms is not None, BF16=out.dtype == torch.bfloat16, **meta,
         enable_fp_fusion=False,  # std·z + W0 as a product then a sum, the formula tested: no FMA
     )  # fmt: skip
 
